@@ -1,0 +1,16 @@
+//! The outbox relay: moves committed outbox events from PostgreSQL into Kafka exactly once.
+//!
+//! Map of the modules (imports run downward only):
+//!
+//! ```text
+//!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config
+//!     │
+//!  cdc / polling               the two relays, side by side
+//!     │
+//!  replication  outbox  sink  checkpoint   Postgres protocol; envelope; Kafka; progress record
+//!     │
+//!  config  metrics  telemetry  shutdown  health
+//! ```
+
+pub mod migrate;
+pub mod replication;

@@ -1,0 +1,1 @@
+//! Test support: per-test databases, unique Kafka names, readers that count.
