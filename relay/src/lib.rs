@@ -12,5 +12,8 @@
 //!  config  metrics  telemetry  shutdown  health
 //! ```
 
+pub mod checkpoint;
 pub mod migrate;
+pub mod outbox;
 pub mod replication;
+pub mod sink;
