@@ -12,5 +12,11 @@
 //!  config  metrics  telemetry  shutdown  health
 //! ```
 
+pub mod config;
+pub mod health;
+pub mod metrics;
 pub mod migrate;
 pub mod replication;
+pub mod shutdown;
+pub mod systemd;
+pub mod telemetry;
