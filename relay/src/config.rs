@@ -1175,7 +1175,19 @@ fn prune_unknown(
                     );
                     message.push_str(&format!(" (from {var})"));
                 }
-                if let Some(best) = closest(key, &candidates) {
+                // `RELAY_KAFKA_BOOTSTRAP_SERVERS` (one underscore) is the likeliest env mistake.
+                let from_env = value.origin() == Some("the environment");
+                let section = candidates
+                    .iter()
+                    .find(|s| prefix.is_empty() && key.starts_with(&format!("{s}_")));
+                if let (true, Some(section)) = (from_env, section) {
+                    let rest = &key[section.len() + 1..];
+                    message.push_str(&format!(
+                        "; levels are separated by `__`: did you mean {ENV_PREFIX}{}{ENV_SEPARATOR}{}?",
+                        section.to_uppercase(),
+                        rest.to_uppercase()
+                    ));
+                } else if let Some(best) = closest(key, &candidates) {
                     let best_path = if prefix.is_empty() {
                         best.to_owned()
                     } else {
@@ -1517,6 +1529,7 @@ mod tests {
         );
         let mut e = required();
         e.push(("RELAY_CDC__SLOTT".to_owned(), "x".to_owned()));
+        e.push(("RELAY_BATCH_MAX_EVENTS".to_owned(), "5".to_owned()));
         let problems = problems_of(RelayConfig::load_from(Some(&f.0), e));
         let mut sorted = problems.clone();
         sorted.sort();
@@ -1524,6 +1537,7 @@ mod tests {
             sorted,
             [
                 "batch.max_event: unknown key; did you mean batch.max_events?",
+                "batch_max_events: unknown key (from RELAY_BATCH_MAX_EVENTS); levels are separated by `__`: did you mean RELAY_BATCH__MAX_EVENTS?",
                 "bogus: unknown key",
                 "cdc.slott: unknown key (from RELAY_CDC__SLOTT); did you mean cdc.slot?",
                 "kafka.bootstrap_server: unknown key; did you mean kafka.bootstrap_servers?",

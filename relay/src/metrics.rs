@@ -52,90 +52,69 @@ pub mod names {
     pub const READY: &str = "relay_ready";
 }
 
-/// `kind` of [`names::EVENTS_TOTAL`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    /// An outbox table row (insert).
-    Row,
-    /// A `pg_logical_emit_message` event.
-    Message,
+/// Declares a label's closed set of values: the enum, its label strings, and `ALL` for
+/// creating every series at start-up.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $( $(#[$vmeta:meta])* $variant:ident => $label:literal ),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            const ALL: &'static [$name] = &[$( $name::$variant ),+];
+
+            fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )+
+                }
+            }
+        }
+    };
 }
 
-impl EventKind {
-    const ALL: [EventKind; 2] = [EventKind::Row, EventKind::Message];
-    fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Row => "row",
-            EventKind::Message => "message",
-        }
+label_enum! {
+    /// `kind` of [`names::EVENTS_TOTAL`].
+    EventKind {
+        /// An outbox table row (insert).
+        Row => "row",
+        /// A `pg_logical_emit_message` event.
+        Message => "message",
     }
 }
 
-/// `outcome` of [`names::KAFKA_TRANSACTIONS_TOTAL`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxnOutcome {
-    /// `commit_transaction` returned Ok.
-    Committed,
-    /// The transaction was aborted.
-    Aborted,
-}
-
-impl TxnOutcome {
-    const ALL: [TxnOutcome; 2] = [TxnOutcome::Committed, TxnOutcome::Aborted];
-    fn as_str(self) -> &'static str {
-        match self {
-            TxnOutcome::Committed => "committed",
-            TxnOutcome::Aborted => "aborted",
-        }
+label_enum! {
+    /// `outcome` of [`names::KAFKA_TRANSACTIONS_TOTAL`].
+    TxnOutcome {
+        /// `commit_transaction` returned Ok.
+        Committed => "committed",
+        /// The transaction was aborted.
+        Aborted => "aborted",
     }
 }
 
-/// `component` of [`names::RECONNECTS_TOTAL`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
-    /// The replication or query connection.
-    Postgres,
-    /// The producer.
-    Kafka,
-}
-
-impl Component {
-    const ALL: [Component; 2] = [Component::Postgres, Component::Kafka];
-    fn as_str(self) -> &'static str {
-        match self {
-            Component::Postgres => "postgres",
-            Component::Kafka => "kafka",
-        }
+label_enum! {
+    /// `component` of [`names::RECONNECTS_TOTAL`].
+    Component {
+        /// The replication or query connection.
+        Postgres => "postgres",
+        /// The producer.
+        Kafka => "kafka",
     }
 }
 
-/// `kind` of [`names::IGNORED_CHANGES_TOTAL`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IgnoredChange {
-    /// An UPDATE of an outbox row (the outbox is insert-only).
-    Update,
-    /// A DELETE (e.g. the janitor's).
-    Delete,
-    /// A TRUNCATE.
-    Truncate,
-    /// A change to a table other than the outbox (the publication is broader than needed).
-    OtherTable,
-}
-
-impl IgnoredChange {
-    const ALL: [IgnoredChange; 4] = [
-        IgnoredChange::Update,
-        IgnoredChange::Delete,
-        IgnoredChange::Truncate,
-        IgnoredChange::OtherTable,
-    ];
-    fn as_str(self) -> &'static str {
-        match self {
-            IgnoredChange::Update => "update",
-            IgnoredChange::Delete => "delete",
-            IgnoredChange::Truncate => "truncate",
-            IgnoredChange::OtherTable => "other_table",
-        }
+label_enum! {
+    /// `kind` of [`names::IGNORED_CHANGES_TOTAL`].
+    IgnoredChange {
+        /// An UPDATE of an outbox row (the outbox is insert-only).
+        Update => "update",
+        /// A DELETE (e.g. the janitor's).
+        Delete => "delete",
+        /// A TRUNCATE.
+        Truncate => "truncate",
+        /// A change to a table other than the outbox (the publication is broader than needed).
+        OtherTable => "other_table",
     }
 }
 
@@ -288,10 +267,10 @@ impl Metrics {
     /// Creates every labelled series at zero (see the module docs for why).
     fn init_series(&self) {
         for relay in RelayKind::ALL {
-            for kind in EventKind::ALL {
+            for &kind in EventKind::ALL {
                 self.events(relay, kind);
             }
-            for outcome in TxnOutcome::ALL {
+            for &outcome in TxnOutcome::ALL {
                 self.kafka_transactions(relay, outcome);
             }
             self.event_bytes(relay);
@@ -299,10 +278,10 @@ impl Metrics {
             self.commit_to_kafka_seconds(relay);
             self.kafka_queue_full(relay);
         }
-        for c in Component::ALL {
+        for &c in Component::ALL {
             self.reconnects(c);
         }
-        for k in IgnoredChange::ALL {
+        for &k in IgnoredChange::ALL {
             self.ignored_changes(k);
         }
     }
