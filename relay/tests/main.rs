@@ -4,4 +4,6 @@
 //! database (or its own cluster) and its own topic names and transactional ids, so they run
 //! in parallel. Connection settings come from the variables `scripts/stack env` prints.
 
+mod compose;
+mod smoke;
 mod support;
