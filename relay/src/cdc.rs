@@ -43,7 +43,7 @@
 use crate::checkpoint::{self, Checkpoint};
 use crate::health::Health;
 use crate::metrics::{Component, EventKind, IgnoredChange, Metrics, RelayKind, TxnOutcome};
-use crate::outbox::{self, ColumnNaming, Event, MessageEvent, OutRecord, Source, TopicRouter};
+use crate::outbox::{self, ColumnSet, Event, MessageEvent, OutRecord, Source, TopicRouter};
 use crate::replication::assembler::{Assembler, AssemblerConfig, AssemblerError, Change, TxnEvent};
 use crate::replication::conn::{
     ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage,
@@ -78,7 +78,7 @@ pub struct CdcSettings {
     /// Schema and name of the outbox table.
     pub table_schema: String,
     pub table_name: String,
-    pub columns: ColumnNaming,
+    pub columns: ColumnSet,
     pub topic_template: String,
     /// Transactional logical messages with this prefix are events.
     pub message_prefix: String,
@@ -121,7 +121,7 @@ pub enum CdcError {
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
     SystemMismatch { checkpoint: u64, server: u64 },
     #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
-    OutboxColumn { table: String, column: String, naming: ColumnNaming },
+    OutboxColumn { table: String, column: String, naming: ColumnSet },
     #[error("replication stream ended by the server")]
     StreamEnded,
     #[error("Postgres answered a query in an unexpected shape: {0}")]
@@ -763,7 +763,7 @@ impl<'a> Session<'a> {
         if self.layout.as_ref().is_some_and(|l| Arc::ptr_eq(&l.relation, relation)) {
             return Ok(());
         }
-        let cols = self.s.columns.columns();
+        let cols = self.s.columns.names();
         let idx = |name: &str| {
             relation.column_index(name).ok_or_else(|| CdcError::OutboxColumn {
                 table: self.table(),

@@ -13,50 +13,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
-/// Which column names the outbox table uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ColumnNaming {
-    /// This project's schema (`migrations/`).
-    #[default]
-    Native,
-    /// Debezium's outbox table: `id uuid`, `aggregatetype`, `aggregateid`, `type`, `payload`.
-    Debezium,
-}
-
-/// The column names an outbox row is read from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboxColumns {
-    pub event_id: &'static str,
-    pub aggregate_type: &'static str,
-    pub aggregate_id: &'static str,
-    pub event_type: &'static str,
-    pub payload: &'static str,
-    pub headers: Option<&'static str>,
-}
-
-impl ColumnNaming {
-    pub fn columns(self) -> OutboxColumns {
-        match self {
-            ColumnNaming::Native => OutboxColumns {
-                event_id: "event_id",
-                aggregate_type: "aggregate_type",
-                aggregate_id: "aggregate_id",
-                event_type: "event_type",
-                payload: "payload",
-                headers: Some("headers"),
-            },
-            ColumnNaming::Debezium => OutboxColumns {
-                event_id: "id",
-                aggregate_type: "aggregatetype",
-                aggregate_id: "aggregateid",
-                event_type: "type",
-                payload: "payload",
-                headers: None,
-            },
-        }
-    }
-}
+pub use crate::config::{ColumnNames, ColumnSet};
 
 /// Where an event was read from; becomes headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,8 +89,7 @@ pub struct TopicRouter {
     cache: std::collections::HashMap<String, Arc<str>>,
 }
 
-/// The placeholder a topic template must contain.
-pub const AGGREGATE_TYPE_PLACEHOLDER: &str = "{aggregate_type}";
+use crate::config::AGGREGATE_TYPE_PLACEHOLDER;
 
 impl TopicRouter {
     /// `template` must contain `{aggregate_type}` once (checked by the config's validation;
