@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "relay", version, about = "Transactional-outbox relay: PostgreSQL to Kafka, exactly once")]
+#[command(
+    name = "relay",
+    version,
+    about = "Transactional-outbox relay: PostgreSQL to Kafka, exactly once"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

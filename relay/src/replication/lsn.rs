@@ -34,7 +34,9 @@ impl FromStr for Lsn {
     type Err = ParseLsnError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s.split_once('/').ok_or_else(|| ParseLsnError(s.to_owned()))?;
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| ParseLsnError(s.to_owned()))?;
         let hi = u32::from_str_radix(hi, 16).map_err(|_| ParseLsnError(s.to_owned()))?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| ParseLsnError(s.to_owned()))?;
         Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
