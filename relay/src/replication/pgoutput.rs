@@ -1137,3 +1137,826 @@ impl LogicalMessage {
         buf.freeze()
     }
 }
+
+/// Real captures from PostgreSQL 15 and helpers shared by the replication tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use bytes::Bytes;
+
+    use crate::replication::Lsn;
+
+    /// Protocol 1, non-streamed: an outbox insert, updates and deletes with key and full old
+    /// tuples, a two-table truncate, transactional and non-transactional messages, a Type.
+    /// One `lsn|hex` line per row of `pg_logical_slot_get_binary_changes`.
+    pub const PG15_V1: &str = include_str!("testdata/pg15_v1.txt");
+
+    /// Protocol 2 with `streaming = on`, `logical_decoding_work_mem = 64kB`: a transaction (xid
+    /// 0x2e9) streamed in blocks with a rolled-back savepoint (subxid 0x2ea, streamed then aborted),
+    /// a transactional message and a row in a later subtransaction (0x2eb), then committed; a
+    /// second streamed transaction (0x2ec) rolled back; a small non-streamed transaction.
+    pub const PG15_V2_STREAMING: &str = include_str!("testdata/pg15_v2_streaming.txt");
+
+    /// Parses a capture: `lsn|hex` per line.
+    pub fn capture(text: &str) -> Vec<(Lsn, Bytes)> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let (lsn, hex) = line.split_once('|').expect("lsn|hex");
+                (
+                    lsn.parse().expect("lsn"),
+                    Bytes::from(hex::decode(hex.trim()).expect("hex")),
+                )
+            })
+            .collect()
+    }
+
+    pub fn hex(s: &str) -> Bytes {
+        Bytes::from(hex::decode(s.replace(' ', "")).expect("hex"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::fixtures::{capture, hex, PG15_V1, PG15_V2_STREAMING};
+    use super::*;
+
+    /// Relation `public.t2(a int4 key, b text)` as Postgres 15 announced it (oid 0x400c).
+    const T2_REL: &str =
+        "520000400c7075626c69630074320064000201610000000017ffffffff00620000000019ffffffff";
+    /// `INSERT INTO t2 VALUES (1, 'one')`.
+    const T2_INSERT: &str = "490000400c4e000274000000013174000000036f6e65";
+
+    fn v1_with_t2() -> Decoder {
+        let mut d = Decoder::new(1).unwrap();
+        d.decode(hex(T2_REL)).unwrap();
+        d
+    }
+
+    fn text(s: &str) -> Column {
+        Column::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn decode_all(proto: u32, text: &str) -> (Decoder, Vec<LogicalMessage>) {
+        let mut d = Decoder::new(proto).unwrap();
+        let msgs = capture(text)
+            .into_iter()
+            .map(|(lsn, data)| d.decode(data).unwrap_or_else(|e| panic!("{lsn}: {e}")))
+            .collect();
+        (d, msgs)
+    }
+
+    #[test]
+    fn pg15_outbox_transaction() {
+        let (d, msgs) = decode_all(1, PG15_V1);
+        let [LogicalMessage::Begin(b), LogicalMessage::Relation(r), LogicalMessage::Insert(i), LogicalMessage::Commit(c), ..] =
+            msgs.as_slice()
+        else {
+            panic!("unexpected start {msgs:?}");
+        };
+        assert_eq!(b.xid, 0x2d7);
+        assert_eq!(b.final_lsn, "0/1535720".parse().unwrap());
+        assert_eq!(c.commit_lsn, b.final_lsn);
+        assert_eq!(c.end_lsn, "0/1535750".parse().unwrap());
+        assert_eq!(c.commit_time, b.commit_time);
+        assert_eq!(c.flags, 0);
+
+        assert_eq!(
+            (r.namespace.as_str(), r.name.as_str()),
+            ("public", "outbox")
+        );
+        assert_eq!(r.replica_identity, ReplicaIdentity::Default);
+        let names: Vec<_> = r.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "event_id",
+                "aggregate_type",
+                "aggregate_id",
+                "event_type",
+                "payload",
+                "headers",
+                "created_at",
+                "txid"
+            ]
+        );
+        assert!(r.columns.first().unwrap().is_key());
+        assert!(!r.columns.get(1).unwrap().is_key());
+        let payload = r.column_index("payload").unwrap();
+        assert_eq!(payload, 5);
+        assert_eq!(r.columns.get(payload).unwrap().type_oid, 3802); // jsonb
+        assert_eq!(r.columns.get(payload).unwrap().type_modifier, -1);
+        assert_eq!(r.column_index("nope"), None);
+
+        assert!(Arc::ptr_eq(&i.relation, r));
+        assert!(Arc::ptr_eq(d.relation(r.oid).unwrap(), r) || d.relation(r.oid).is_some());
+        assert_eq!(i.xid, None);
+        assert_eq!(i.new.columns.len(), 9);
+        assert_eq!(
+            i.new.columns.get(payload).unwrap(),
+            &text(r#"{"items": [1, 2], "total": 42}"#)
+        );
+        assert_eq!(i.new.columns.get(6).unwrap(), &Column::Null);
+        assert_eq!(
+            i.new.columns.get(1).unwrap().bytes().unwrap().as_ref(),
+            b"6f1c2b9e-3a5d-4e7f-8a9b-0c1d2e3f4a5b"
+        );
+
+        // 2026-11-23 14:12 UTC, as the capture was taken.
+        let unix_secs = b
+            .commit_time
+            .to_system_time()
+            .unwrap()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            (1_795_400_000..1_795_500_000).contains(&unix_secs),
+            "{unix_secs}"
+        );
+    }
+
+    #[test]
+    fn pg15_every_v1_message_kind() {
+        let (d, msgs) = decode_all(1, PG15_V1);
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &msgs {
+            seen.insert(m.to_bytes().first().copied().unwrap());
+        }
+        assert_eq!(seen, b"BCDIMRTUY".iter().copied().collect());
+
+        // Update with only a new tuple, with a key (`K`, nulls for non-key columns) and with the
+        // whole old row (`O`, REPLICA IDENTITY FULL).
+        let updates: Vec<&Update> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::Update(u) => Some(u),
+                _ => None,
+            })
+            .collect();
+        let full = updates.first().unwrap();
+        assert_eq!(full.relation.replica_identity, ReplicaIdentity::Full);
+        let old = full.old.as_ref().unwrap();
+        assert_eq!(old.kind, OldTupleKind::Full);
+        assert_eq!(
+            old.tuple.columns,
+            vec![text("1"), text("one"), Column::Null]
+        );
+        assert_eq!(full.new.columns, vec![text("1"), text("uno"), Column::Null]);
+        let key = updates.get(1).unwrap();
+        let old = key.old.as_ref().unwrap();
+        assert_eq!(old.kind, OldTupleKind::Key);
+        assert_eq!(
+            old.tuple.columns,
+            vec![text("2"), Column::Null, Column::Null]
+        );
+        assert_eq!(
+            key.new.columns,
+            vec![text("10"), Column::Null, Column::Null]
+        );
+
+        let deletes: Vec<&Delete> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::Delete(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deletes.first().unwrap().old.kind, OldTupleKind::Key);
+        assert_eq!(deletes.get(1).unwrap().old.kind, OldTupleKind::Full);
+
+        let truncate = msgs
+            .iter()
+            .find_map(|m| match m {
+                LogicalMessage::Truncate(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        let names: Vec<_> = truncate.relations.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["t2", "big"]);
+        assert!(!truncate.cascade() && !truncate.restart_identity());
+
+        let messages: Vec<&Message> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::Message(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let [txn, non_txn] = messages.as_slice() else {
+            panic!("{messages:?}")
+        };
+        assert!(txn.transactional);
+        assert_eq!(
+            (txn.prefix.as_str(), txn.content.as_ref()),
+            ("outbox", &b"{\"k\":1}"[..])
+        );
+        assert_eq!(txn.lsn, "0/16571C8".parse().unwrap());
+        assert!(!non_txn.transactional);
+        assert_eq!(
+            (non_txn.prefix.as_str(), non_txn.content.as_ref()),
+            ("heartbeat", &b"hb"[..])
+        );
+
+        let ty = msgs
+            .iter()
+            .find_map(|m| match m {
+                LogicalMessage::Type(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (ty.namespace.as_str(), ty.name.as_str()),
+            ("public", "mood")
+        );
+        let t3 = d.relation(0x4031).unwrap();
+        assert_eq!(t3.columns.get(1).unwrap().type_oid, ty.oid);
+    }
+
+    #[test]
+    fn pg15_fixtures_re_encode_byte_for_byte() {
+        for (proto, text) in [(1, PG15_V1), (2, PG15_V2_STREAMING)] {
+            let mut d = Decoder::new(proto).unwrap();
+            for (lsn, data) in capture(text) {
+                let msg = d.decode(data.clone()).unwrap();
+                assert_eq!(msg.to_bytes(), data, "{lsn}: {msg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn pg15_v2_streaming_messages() {
+        let (d, msgs) = decode_all(2, PG15_V2_STREAMING);
+        let starts: Vec<_> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::StreamStart(s) => Some((s.xid, s.first_segment)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.first(), Some(&(0x2e9, true)));
+        assert_eq!(starts.get(1), Some(&(0x2e9, false)));
+        assert!(starts.contains(&(0x2ec, true)));
+        let aborts: Vec<_> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::StreamAbort(a) => Some((a.xid, a.subxid)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(aborts, [(0x2e9, 0x2ea), (0x2ec, 0x2ec)]);
+        let commit = msgs
+            .iter()
+            .find_map(|m| match m {
+                LogicalMessage::StreamCommit(c) => Some(c),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(commit.xid, 0x2e9);
+        assert!(commit.commit_lsn < commit.end_lsn);
+        // Inside blocks, changes carry the xid of their subtransaction.
+        let xids: std::collections::BTreeSet<_> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogicalMessage::Insert(i) => Some(i.xid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            xids,
+            [None, Some(0x2e9), Some(0x2ea), Some(0x2eb), Some(0x2ec)]
+                .into_iter()
+                .collect()
+        );
+        let msg = msgs
+            .iter()
+            .find_map(|m| match m {
+                LogicalMessage::Message(m) => Some(m),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(msg.xid, Some(0x2e9));
+        assert!(msg.transactional);
+        // The relation announced inside the committed stream joined the main cache.
+        assert_eq!(d.relation(0x4018).unwrap().name, "big");
+        assert_eq!(d.stream_xid(), None);
+    }
+
+    #[test]
+    fn hand_built_origin_stream_stop_and_timestamps() {
+        let mut d = Decoder::new(2).unwrap();
+        let origin = hex("4f 0000000001020304 6e6f646531 00");
+        assert_eq!(
+            d.decode(origin).unwrap(),
+            LogicalMessage::Origin(Origin {
+                commit_lsn: Lsn(0x0102_0304),
+                name: "node1".into()
+            })
+        );
+        d.decode(hex("53 00000007 01")).unwrap();
+        assert_eq!(d.stream_xid(), Some(7));
+        assert_eq!(d.decode(hex("45")).unwrap(), LogicalMessage::StreamStop);
+        assert_eq!(d.stream_xid(), None);
+
+        assert_eq!(
+            PgTimestamp(0).to_system_time(),
+            Some(UNIX_EPOCH + Duration::from_secs(946_684_800))
+        );
+        assert_eq!(PgTimestamp(-1).to_unix_micros(), 946_684_799_999_999);
+        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(PgTimestamp::from_system_time(t).to_system_time(), Some(t));
+        assert!(PgTimestamp(i64::MAX).to_unix_micros() == i64::MAX);
+    }
+
+    #[test]
+    fn relation_re_announced_with_other_columns() {
+        let mut d = v1_with_t2();
+        let LogicalMessage::Insert(before) = d.decode(hex(T2_INSERT)).unwrap() else {
+            panic!()
+        };
+        // ALTER TABLE t2 ADD COLUMN c int: Postgres 15 re-announces the relation.
+        d.decode(hex("520000400c7075626c69630074320066000301610000000017ffffffff01620000000019ffffffff01630000000017ffffffff")).unwrap();
+        let LogicalMessage::Insert(after) = d
+            .decode(hex(
+                "490000400c4e000374000000013374000000057468726565740000000133",
+            ))
+            .unwrap()
+        else {
+            panic!()
+        };
+        // The earlier change keeps the schema it was sent with.
+        assert_eq!(before.relation.columns.len(), 2);
+        assert_eq!(before.relation.replica_identity, ReplicaIdentity::Default);
+        assert_eq!(after.relation.columns.len(), 3);
+        assert_eq!(after.relation.replica_identity, ReplicaIdentity::Full);
+        assert_eq!(after.relation.column_index("c"), Some(2));
+        assert!(Arc::ptr_eq(d.relation(0x400c).unwrap(), &after.relation));
+    }
+
+    #[test]
+    fn relation_announced_in_a_stream_stays_private_until_stream_commit() {
+        let mut d = Decoder::new(2).unwrap();
+        d.decode(hex(T2_REL)).unwrap();
+        let streamed_rel = Relation {
+            xid: Some(9),
+            columns: vec![],
+            ..Relation::clone(d.relation(0x400c).unwrap())
+        };
+        d.decode(hex("53 00000009 01")).unwrap();
+        d.decode(LogicalMessage::Relation(Arc::new(streamed_rel)).to_bytes())
+            .unwrap();
+        let LogicalMessage::Insert(i) = d.decode(hex("49 00000009 0000400c 4e 0000")).unwrap()
+        else {
+            panic!()
+        };
+        assert!(i.relation.columns.is_empty());
+        d.decode(hex("45")).unwrap();
+        // Other transactions still see the committed schema ...
+        assert_eq!(d.relation(0x400c).unwrap().columns.len(), 2);
+        // ... until the stream commits.
+        d.decode(hex(
+            "63 00000009 00 0000000000000010 0000000000000020 0000000000000000",
+        ))
+        .unwrap();
+        assert!(d.relation(0x400c).unwrap().columns.is_empty());
+
+        // A relation of an aborted stream is forgotten.
+        d.decode(hex(T2_REL)).unwrap();
+        d.decode(hex("53 0000000a 01")).unwrap();
+        let mut rel = Relation::clone(d.relation(0x400c).unwrap());
+        rel.xid = Some(10);
+        rel.columns.clear();
+        d.decode(LogicalMessage::Relation(Arc::new(rel)).to_bytes())
+            .unwrap();
+        d.decode(hex("45")).unwrap();
+        d.decode(hex("41 0000000a 0000000a")).unwrap();
+        d.decode(hex("53 0000000a 00")).unwrap();
+        let LogicalMessage::Insert(i) =
+            d.decode(hex("49 0000000a 0000400c 4e 0002 6e 6e")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(i.relation.columns.len(), 2);
+    }
+
+    fn err(d: &mut Decoder, bytes: Bytes) -> DecodeError {
+        d.decode(bytes).expect_err("must not decode")
+    }
+
+    #[test]
+    fn malformed_messages_give_typed_errors_with_tag_and_offset() {
+        let mut d = v1_with_t2();
+        let insert = hex(T2_INSERT);
+        assert_eq!(insert.len(), 22);
+        let with = |at: usize, patch: &[u8]| {
+            let mut v = insert.to_vec();
+            v.splice(at..at + patch.len(), patch.iter().copied());
+            Bytes::from(v)
+        };
+        let i = Tag(b'I');
+
+        assert_eq!(err(&mut d, Bytes::new()), DecodeError::Empty);
+        assert_eq!(
+            err(&mut d, hex("42 0000")),
+            DecodeError::Truncated {
+                tag: Tag(b'B'),
+                offset: 1,
+                needed: 8,
+                remaining: 2
+            }
+        );
+        assert_eq!(
+            err(&mut d, insert.slice(..7)),
+            DecodeError::Truncated {
+                tag: i,
+                offset: 6,
+                needed: 2,
+                remaining: 1
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(9, &[0xff, 0xff, 0xff, 0xff])),
+            DecodeError::NegativeLength {
+                tag: i,
+                offset: 9,
+                length: -1
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(9, &[0, 0, 0, 0x10])),
+            DecodeError::LengthTooLarge {
+                tag: i,
+                offset: 9,
+                length: 16,
+                remaining: 9
+            }
+        );
+        assert_eq!(
+            err(&mut d, insert.slice(..20)),
+            DecodeError::LengthTooLarge {
+                tag: i,
+                offset: 15,
+                length: 3,
+                remaining: 1
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(6, &[0xff, 0xfe])),
+            DecodeError::NegativeLength {
+                tag: i,
+                offset: 6,
+                length: -2
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(8, b"x")),
+            DecodeError::UnknownColumnKind {
+                tag: i,
+                offset: 8,
+                kind: Tag(b'x')
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(5, b"X")),
+            DecodeError::UnexpectedTupleMarker {
+                tag: i,
+                offset: 5,
+                marker: Tag(b'X'),
+                expected: "N"
+            }
+        );
+        assert_eq!(
+            err(&mut d, with(1, &[0, 0, 0x99, 0x99])),
+            DecodeError::UnknownRelation {
+                tag: i,
+                offset: 1,
+                oid: 0x9999
+            }
+        );
+        let mut long = insert.to_vec();
+        long.push(0);
+        assert_eq!(
+            err(&mut d, Bytes::from(long)),
+            DecodeError::TrailingBytes {
+                tag: i,
+                offset: 22,
+                remaining: 1
+            }
+        );
+        assert_eq!(
+            err(&mut d, hex("5a 00")),
+            DecodeError::UnknownTag {
+                tag: Tag(b'Z'),
+                offset: 0,
+                proto_version: 1
+            }
+        );
+        // Streaming messages do not exist in protocol 1.
+        assert_eq!(
+            err(&mut d, hex("53 00000001 01")),
+            DecodeError::UnknownTag {
+                tag: Tag(b'S'),
+                offset: 0,
+                proto_version: 1
+            }
+        );
+
+        // Names: 'R', oid (1..5), "public\0" (5..12), name at 12.
+        let rel = hex(T2_REL);
+        let mut bad = rel.to_vec();
+        bad.splice(12..13, [0xff]);
+        let r = Tag(b'R');
+        assert_eq!(
+            err(&mut d, Bytes::from(bad)),
+            DecodeError::InvalidUtf8 { tag: r, offset: 12 }
+        );
+        assert_eq!(
+            err(&mut d, rel.slice(..14)),
+            DecodeError::MissingNul { tag: r, offset: 12 }
+        );
+        // The failed Relation messages left the cache alone.
+        assert_eq!(d.relation(0x400c).unwrap().columns.len(), 2);
+
+        let mut d2 = Decoder::new(2).unwrap();
+        assert_eq!(
+            err(&mut d2, hex("45")),
+            DecodeError::StreamState {
+                tag: Tag(b'E'),
+                offset: 0,
+                problem: "Stream Stop outside a stream block"
+            }
+        );
+        d2.decode(hex("53 00000001 01")).unwrap();
+        assert!(matches!(
+            err(&mut d2, hex("53 00000001 00")),
+            DecodeError::StreamState { offset: 0, .. }
+        ));
+        assert_eq!(Decoder::new(3).unwrap_err(), UnsupportedProtocolVersion(3));
+        assert_eq!(Decoder::new(0).unwrap_err(), UnsupportedProtocolVersion(0));
+
+        let e = err(&mut d, with(8, b"x"));
+        assert_eq!((e.tag(), e.offset()), (Some(i), 8));
+        assert_eq!(
+            e.to_string(),
+            "message 'I': unknown tuple column kind 'x' at byte 8 (expected n, u, t or b)"
+        );
+    }
+
+    // ---- property tests ---------------------------------------------------------------------
+
+    fn name() -> impl Strategy<Value = String> {
+        "[^\u{0}]{0,12}"
+    }
+
+    fn bytes_value() -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+    }
+
+    fn column() -> impl Strategy<Value = Column> {
+        prop_oneof![
+            Just(Column::Null),
+            Just(Column::UnchangedToast),
+            bytes_value().prop_map(Column::Text),
+            bytes_value().prop_map(Column::Binary),
+        ]
+    }
+
+    fn tuple() -> impl Strategy<Value = TupleData> {
+        proptest::collection::vec(column(), 0..8).prop_map(|columns| TupleData { columns })
+    }
+
+    fn old_tuple() -> impl Strategy<Value = OldTuple> {
+        (any::<bool>(), tuple()).prop_map(|(key, tuple)| OldTuple {
+            kind: if key {
+                OldTupleKind::Key
+            } else {
+                OldTupleKind::Full
+            },
+            tuple,
+        })
+    }
+
+    fn relation(xid: Option<u32>) -> impl Strategy<Value = Relation> {
+        let col = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
+            |(flags, name, type_oid, type_modifier)| RelColumn {
+                flags,
+                name,
+                type_oid,
+                type_modifier,
+            },
+        );
+        (
+            any::<u32>(),
+            name(),
+            name(),
+            any::<u8>(),
+            proptest::collection::vec(col, 0..6),
+        )
+            .prop_map(move |(oid, namespace, name, ri, columns)| Relation {
+                xid,
+                oid,
+                namespace,
+                name,
+                replica_identity: ReplicaIdentity::from_byte(ri),
+                columns,
+            })
+    }
+
+    /// A message, the relation it refers to (announced first) and whether it is decoded inside a
+    /// stream block.
+    fn message() -> impl Strategy<Value = (LogicalMessage, Arc<Relation>, bool)> {
+        (any::<bool>(), any::<u32>()).prop_flat_map(|(in_stream, sxid)| {
+            let xid = in_stream.then_some(sxid);
+            let lsn = any::<u64>().prop_map(Lsn);
+            let ts = any::<i64>().prop_map(PgTimestamp);
+            relation(xid).prop_flat_map(move |rel| {
+                let rel = Arc::new(rel);
+                let r = Arc::clone(&rel);
+                let msg = prop_oneof![
+                    (lsn.clone(), ts.clone(), any::<u32>()).prop_map(
+                        |(final_lsn, commit_time, xid)| {
+                            LogicalMessage::Begin(Begin {
+                                final_lsn,
+                                commit_time,
+                                xid,
+                            })
+                        }
+                    ),
+                    (any::<u8>(), lsn.clone(), lsn.clone(), ts.clone()).prop_map(
+                        |(flags, commit_lsn, end_lsn, commit_time)| LogicalMessage::Commit(
+                            Commit {
+                                flags,
+                                commit_lsn,
+                                end_lsn,
+                                commit_time
+                            }
+                        )
+                    ),
+                    (lsn.clone(), name()).prop_map(|(commit_lsn, name)| LogicalMessage::Origin(
+                        Origin { commit_lsn, name }
+                    )),
+                    Just(LogicalMessage::Relation(Arc::clone(&r))),
+                    (any::<u32>(), name(), name()).prop_map(move |(oid, namespace, name)| {
+                        LogicalMessage::Type(TypeMessage {
+                            xid,
+                            oid,
+                            namespace,
+                            name,
+                        })
+                    }),
+                    tuple().prop_map({
+                        let r = Arc::clone(&r);
+                        move |new| {
+                            LogicalMessage::Insert(Insert {
+                                xid,
+                                relation: Arc::clone(&r),
+                                new,
+                            })
+                        }
+                    }),
+                    (proptest::option::of(old_tuple()), tuple()).prop_map({
+                        let r = Arc::clone(&r);
+                        move |(old, new)| {
+                            LogicalMessage::Update(Update {
+                                xid,
+                                relation: Arc::clone(&r),
+                                old,
+                                new,
+                            })
+                        }
+                    }),
+                    old_tuple().prop_map({
+                        let r = Arc::clone(&r);
+                        move |old| {
+                            LogicalMessage::Delete(Delete {
+                                xid,
+                                relation: Arc::clone(&r),
+                                old,
+                            })
+                        }
+                    }),
+                    (any::<u8>(), 0..4usize).prop_map({
+                        let r = Arc::clone(&r);
+                        move |(options, n)| {
+                            LogicalMessage::Truncate(Truncate {
+                                xid,
+                                options,
+                                relations: vec![Arc::clone(&r); n],
+                            })
+                        }
+                    }),
+                    (any::<bool>(), lsn.clone(), name(), bytes_value()).prop_map(
+                        move |(transactional, lsn, prefix, content)| LogicalMessage::Message(
+                            Message {
+                                xid,
+                                transactional,
+                                lsn,
+                                prefix,
+                                content
+                            }
+                        )
+                    ),
+                    (any::<u32>(), any::<bool>()).prop_map(|(xid, first_segment)| {
+                        LogicalMessage::StreamStart(StreamStart { xid, first_segment })
+                    }),
+                    Just(LogicalMessage::StreamStop),
+                    (
+                        any::<u32>(),
+                        any::<u8>(),
+                        lsn.clone(),
+                        lsn.clone(),
+                        ts.clone()
+                    )
+                        .prop_map(
+                            |(xid, flags, commit_lsn, end_lsn, commit_time)| {
+                                LogicalMessage::StreamCommit(StreamCommit {
+                                    xid,
+                                    flags,
+                                    commit_lsn,
+                                    end_lsn,
+                                    commit_time,
+                                })
+                            }
+                        ),
+                    (any::<u32>(), any::<u32>()).prop_map(|(xid, subxid)| {
+                        LogicalMessage::StreamAbort(StreamAbort { xid, subxid })
+                    }),
+                ];
+                (msg, Just(rel), Just(in_stream))
+            })
+        })
+    }
+
+    /// Whether the message carries the optional xid, i.e. is decoded in the block state chosen.
+    fn takes_stream_xid(msg: &LogicalMessage) -> bool {
+        matches!(
+            msg,
+            LogicalMessage::Relation(_)
+                | LogicalMessage::Type(_)
+                | LogicalMessage::Insert(_)
+                | LogicalMessage::Update(_)
+                | LogicalMessage::Delete(_)
+                | LogicalMessage::Truncate(_)
+                | LogicalMessage::Message(_)
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trip((msg, rel, in_stream) in message()) {
+            let mut d = Decoder::new(2).unwrap();
+            let stream = match &msg {
+                LogicalMessage::StreamStop => Some(1),
+                LogicalMessage::StreamStart(_) => None,
+                m if takes_stream_xid(m) && in_stream => Some(rel.xid.unwrap_or(1)),
+                _ => None,
+            };
+            if !matches!(msg, LogicalMessage::Relation(_)) {
+                // Announced in the block state its xid field implies (into the stream's overlay
+                // when it has one, which is where the message then resolves it).
+                d.set_stream_xid(rel.xid);
+                d.decode(LogicalMessage::Relation(Arc::clone(&rel)).to_bytes()).unwrap();
+            }
+            d.set_stream_xid(stream);
+            let bytes = msg.to_bytes();
+            let decoded = d.decode(bytes.clone()).unwrap();
+            prop_assert_eq!(&decoded, &msg);
+            prop_assert_eq!(decoded.to_bytes(), bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            for proto in [1, 2] {
+                let _ = Decoder::new(proto).unwrap().decode(Bytes::from(data.clone()));
+            }
+            let mut d = Decoder::new(2).unwrap();
+            d.set_stream_xid(Some(1));
+            let _ = d.decode(Bytes::from(data));
+        }
+
+        #[test]
+        fn decode_never_panics_behind_valid_prefixes(
+            tag in proptest::sample::select(b"BCORYIUDTMSEcA".to_vec()),
+            known_oid in any::<bool>(),
+            in_stream in any::<bool>(),
+            rest in proptest::collection::vec(any::<u8>(), 0..120),
+        ) {
+            let mut d = Decoder::new(2).unwrap();
+            d.decode(hex(T2_REL)).unwrap();
+            d.set_stream_xid(in_stream.then_some(1));
+            let mut data = vec![tag];
+            if in_stream && b"RYIUDTM".contains(&tag) {
+                data.extend_from_slice(&1u32.to_be_bytes());
+            }
+            if known_oid && b"IUD".contains(&tag) {
+                // Reach the tuple parser: a known relation and a plausible marker.
+                data.extend_from_slice(&0x400cu32.to_be_bytes());
+                data.push(if tag == b'D' { b'K' } else { b'N' });
+            }
+            data.extend_from_slice(&rest);
+            let _ = d.decode(Bytes::from(data));
+        }
+    }
+}
