@@ -264,8 +264,10 @@ impl Buffered {
     }
 }
 
-/// Spill record kinds: a relation the following changes were decoded against, or a change.
+/// Spill record kinds: a relation the following changes were decoded against (as announced
+/// outside a stream block, or inside one with its xid), or a change.
 const RECORD_RELATION: u8 = b'R';
+const RECORD_STREAM_RELATION: u8 = b'r';
 const RECORD_CHANGE: u8 = b'C';
 /// Kind (1) + subxid (4) + length (4).
 const RECORD_HEADER: usize = 9;
@@ -292,11 +294,12 @@ impl SpillWriter {
         for rel in b.change.relations() {
             let known = self.relations.get(&rel.oid);
             if known.is_none_or(|k| !Arc::ptr_eq(k, rel)) {
-                // Written without an xid: the replay decoder reads relations outside a stream block.
-                let mut plain = Relation::clone(rel);
-                plain.xid = None;
-                let encoded = LogicalMessage::Relation(Arc::new(plain)).to_bytes();
-                self.record(RECORD_RELATION, b.subxid, &encoded)?;
+                let encoded = LogicalMessage::Relation(Arc::clone(rel)).to_bytes();
+                let kind = match rel.xid {
+                    Some(_) => RECORD_STREAM_RELATION,
+                    None => RECORD_RELATION,
+                };
+                self.record(kind, b.subxid, &encoded)?;
                 self.relations.insert(rel.oid, Arc::clone(rel));
             }
         }
@@ -351,8 +354,10 @@ impl Replay {
                 let mut raw = vec![0u8; len];
                 reader.read_exact(&mut raw).map_err(spill_err)?;
                 let corrupt = |source| AssemblerError::CorruptSpill { xid, source };
-                if kind == RECORD_RELATION {
-                    decoder.set_stream_xid(None);
+                if kind == RECORD_RELATION || kind == RECORD_STREAM_RELATION {
+                    // Into the replay decoder's main cache, or the overlay of this stream: changes
+                    // are decoded in the stream's state below and look in both, as they did live.
+                    decoder.set_stream_xid((kind == RECORD_STREAM_RELATION).then_some(xid));
                     decoder.decode(Bytes::from(raw)).map_err(corrupt)?;
                     continue;
                 }
@@ -797,4 +802,473 @@ pub fn assemble(
         events.extend(asm.feed_collect(lsn, data)?);
     }
     Ok(Assembled::from_events(events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pgoutput::fixtures::{capture, PG15_V1, PG15_V2_STREAMING};
+    use super::super::pgoutput::{
+        Begin, Column, Commit, RelColumn, ReplicaIdentity, StreamAbort, StreamStart, TupleData,
+    };
+    use super::*;
+
+    fn relation(oid: u32, xid: Option<u32>, columns: &[&str]) -> Arc<Relation> {
+        Arc::new(Relation {
+            xid,
+            oid,
+            namespace: "public".into(),
+            name: format!("t{oid}"),
+            replica_identity: ReplicaIdentity::Default,
+            columns: columns
+                .iter()
+                .map(|c| RelColumn {
+                    flags: 0,
+                    name: (*c).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn row(values: &[&str]) -> TupleData {
+        TupleData {
+            columns: values
+                .iter()
+                .map(|v| Column::Text(Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+        }
+    }
+
+    fn insert(xid: Option<u32>, rel: &Arc<Relation>, values: &[&str]) -> LogicalMessage {
+        LogicalMessage::Insert(Insert {
+            xid,
+            relation: Arc::clone(rel),
+            new: row(values),
+        })
+    }
+
+    fn begin(xid: u32, final_lsn: u64) -> LogicalMessage {
+        LogicalMessage::Begin(Begin {
+            final_lsn: Lsn(final_lsn),
+            commit_time: PgTimestamp(1),
+            xid,
+        })
+    }
+
+    fn commit(commit_lsn: u64) -> LogicalMessage {
+        LogicalMessage::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 8),
+            commit_time: PgTimestamp(1),
+        })
+    }
+
+    fn start(xid: u32, first_segment: bool) -> LogicalMessage {
+        LogicalMessage::StreamStart(StreamStart { xid, first_segment })
+    }
+
+    fn stream_commit(xid: u32, commit_lsn: u64) -> LogicalMessage {
+        LogicalMessage::StreamCommit(StreamCommit {
+            xid,
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 8),
+            commit_time: PgTimestamp(2),
+        })
+    }
+
+    fn abort(xid: u32, subxid: u32) -> LogicalMessage {
+        LogicalMessage::StreamAbort(StreamAbort { xid, subxid })
+    }
+
+    fn message(xid: Option<u32>, transactional: bool, content: &str) -> LogicalMessage {
+        LogicalMessage::Message(Message {
+            xid,
+            transactional,
+            lsn: Lsn(77),
+            prefix: "outbox".into(),
+            content: Bytes::copy_from_slice(content.as_bytes()),
+        })
+    }
+
+    fn budget(memory_budget: usize) -> AssemblerConfig {
+        AssemblerConfig {
+            memory_budget,
+            spill_dir: None,
+        }
+    }
+
+    /// Feeds messages (at consecutive fake LSNs) and returns every event.
+    fn run(asm: &mut Assembler, msgs: &[LogicalMessage]) -> Result<Vec<TxnEvent>, AssemblerError> {
+        let mut out = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            out.extend(asm.feed_collect(Lsn(i as u64 + 1), m.to_bytes())?);
+        }
+        Ok(out)
+    }
+
+    /// The text values of the first column of each Insert.
+    fn first_values(txn: &AssembledTxn) -> Vec<String> {
+        txn.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Insert(i) => i.new.columns.first().and_then(Column::bytes),
+                _ => None,
+            })
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn pg15_v1_capture_assembles_committed_transactions() {
+        let messages = capture(PG15_V1);
+        let commits = messages
+            .iter()
+            .filter(|(_, m)| m.first() == Some(&b'C'))
+            .count();
+        let out = assemble(1, AssemblerConfig::default(), messages).unwrap();
+        assert_eq!(out.transactions.len(), commits);
+        let first = out.transactions.first().unwrap();
+        assert_eq!(first.xid, 0x2d7);
+        assert_eq!(first.commit_lsn, "0/1535720".parse().unwrap());
+        assert_eq!(first.end_lsn, "0/1535750".parse().unwrap());
+        let [Change::Insert(i)] = first.changes.as_slice() else {
+            panic!("{:?}", first.changes)
+        };
+        assert_eq!(i.relation.name, "outbox");
+        // The transactional message is a change of its transaction; the other one stands alone.
+        assert!(out.transactions.iter().any(|t| matches!(
+            t.changes.as_slice(),
+            [Change::Message(m)] if m.prefix == "outbox"
+        )));
+        let [hb] = out.non_txn_messages.as_slice() else {
+            panic!("{:?}", out.non_txn_messages)
+        };
+        assert_eq!(hb.message.prefix, "heartbeat");
+        assert_eq!(hb.wal_start, "0/1657238".parse().unwrap());
+        // Commit LSNs ascend, as the relay's de-duplication by LSN assumes.
+        assert!(out
+            .transactions
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.commit_lsn < b.commit_lsn)));
+    }
+
+    /// The streamed transaction 0x2e9 committed: 700 rows, the message, the row of the later
+    /// subtransaction; not the 218 rows of the aborted savepoint; 0x2ec rolled back entirely.
+    fn check_pg15_streaming(out: &Assembled) {
+        let xids: Vec<u32> = out.transactions.iter().map(|t| t.xid).collect();
+        assert_eq!(xids, [0x2e9, 0x2ed]);
+        let t = out.transactions.first().unwrap();
+        assert_eq!(t.changes.len(), 702);
+        let values = first_values(t);
+        let expected: Vec<String> = (10001..=10700)
+            .map(|i| i.to_string())
+            .chain(["12000".to_string()])
+            .collect();
+        assert_eq!(values, expected);
+        assert!(matches!(
+            t.changes.get(700),
+            Some(Change::Message(m)) if m.content.as_ref() == b"in-stream"
+        ));
+        assert_eq!(first_values(out.transactions.get(1).unwrap()), ["15000"]);
+    }
+
+    #[test]
+    fn pg15_streamed_transactions_in_memory_and_spilled_agree() {
+        let messages = capture(PG15_V2_STREAMING);
+        let in_memory = assemble(2, AssemblerConfig::default(), messages.clone()).unwrap();
+        check_pg15_streaming(&in_memory);
+
+        for limit in [0, 4096, 40_000] {
+            let mut asm = Assembler::new(2, budget(limit)).unwrap();
+            let mut events = Vec::new();
+            let mut spilled_seen = false;
+            for (lsn, data) in messages.clone() {
+                asm.feed(lsn, data).unwrap();
+                // The bound holds after every message.
+                assert!(
+                    asm.buffered_bytes() <= limit,
+                    "{} > {limit}",
+                    asm.buffered_bytes()
+                );
+                spilled_seen |= asm.streamed_transactions().1 > 0;
+                while let Some(ev) = asm.next_event().unwrap() {
+                    events.push(ev);
+                }
+            }
+            assert!(spilled_seen, "budget {limit} never spilled");
+            assert_eq!(asm.streamed_transactions(), (0, 0));
+            // (Not assert_eq!: a difference would print some megabytes.)
+            assert!(
+                Assembled::from_events(events) == in_memory,
+                "budget {limit} differs"
+            );
+        }
+    }
+
+    #[test]
+    fn non_streamed_changes_pass_through_before_commit() {
+        let r = relation(1, None, &["a"]);
+        let mut asm = Assembler::new(1, AssemblerConfig::default()).unwrap();
+        run(&mut asm, &[LogicalMessage::Relation(Arc::clone(&r))]).unwrap();
+        let ev = asm.feed_collect(Lsn(1), begin(5, 100).to_bytes()).unwrap();
+        assert!(matches!(ev.as_slice(), [TxnEvent::Begin { xid: 5, .. }]));
+        assert_eq!(asm.open_transaction(), Some(5));
+        let ev = asm
+            .feed_collect(Lsn(2), insert(None, &r, &["x"]).to_bytes())
+            .unwrap();
+        assert!(matches!(
+            ev.as_slice(),
+            [TxnEvent::Change(Change::Insert(_))]
+        ));
+        let ev = asm.feed_collect(Lsn(3), commit(100).to_bytes()).unwrap();
+        assert_eq!(
+            ev,
+            [TxnEvent::Commit {
+                xid: 5,
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(108),
+                commit_time: PgTimestamp(1)
+            }]
+        );
+        assert_eq!(asm.open_transaction(), None);
+    }
+
+    #[test]
+    fn structural_errors() {
+        let r = relation(1, None, &["a"]);
+        let announce = LogicalMessage::Relation(Arc::clone(&r));
+        let fresh = || Assembler::new(1, AssemblerConfig::default()).unwrap();
+
+        let e = run(&mut fresh(), &[begin(5, 100), commit(101)]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::CommitLsnMismatch {
+                    xid: 5,
+                    final_lsn: Lsn(100),
+                    commit_lsn: Lsn(101)
+                }
+            ),
+            "{e:?}"
+        );
+
+        let e = run(&mut fresh(), &[begin(5, 100), begin(6, 200)]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::NestedTransaction {
+                    xid: 6,
+                    open_xid: 5,
+                    wal_start: Lsn(2)
+                }
+            ),
+            "{e:?}"
+        );
+
+        let e = run(&mut fresh(), &[announce.clone(), insert(None, &r, &["x"])]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::ChangeOutsideTransaction {
+                    kind: "Insert",
+                    wal_start: Lsn(2)
+                }
+            ),
+            "{e:?}"
+        );
+
+        let e = run(&mut fresh(), &[message(None, true, "m")]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::ChangeOutsideTransaction {
+                    kind: "transactional Message",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+
+        let e = run(&mut fresh(), &[commit(100)]).unwrap_err();
+        assert!(
+            matches!(e, AssemblerError::CommitWithoutBegin { .. }),
+            "{e:?}"
+        );
+
+        let e = run(&mut fresh(), &[insert(None, &r, &["x"])]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::Decode {
+                    source: DecodeError::UnknownRelation { oid: 1, .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+
+        let v2 = || Assembler::new(2, AssemblerConfig::default()).unwrap();
+        let e = run(&mut v2(), &[start(9, true), begin(9, 1)]).unwrap_err();
+        assert!(
+            matches!(e, AssemblerError::UnexpectedMessage { what: "Begin", .. }),
+            "{e:?}"
+        );
+        let e = run(&mut v2(), &[begin(5, 100), start(9, true)]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssemblerError::UnexpectedMessage {
+                    what: "Stream Start",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = run(&mut v2(), &[stream_commit(9, 100)]).unwrap_err();
+        assert!(
+            matches!(e, AssemblerError::UnknownStreamedTransaction { xid: 9, .. }),
+            "{e:?}"
+        );
+        assert!(matches!(
+            Assembler::new(4, AssemblerConfig::default()),
+            Err(AssemblerError::UnsupportedProtocolVersion(_))
+        ));
+    }
+
+    /// A streamed transaction with three subtransactions and a relation that changes shape
+    /// between its blocks.
+    fn streamed_script() -> Vec<LogicalMessage> {
+        let r2 = relation(1, Some(10), &["a", "b"]);
+        let r1 = relation(1, Some(10), &["a"]);
+        vec![
+            start(10, true),
+            LogicalMessage::Relation(Arc::clone(&r1)),
+            insert(Some(10), &r1, &["top-1"]),
+            insert(Some(11), &r1, &["sub11-1"]),
+            insert(Some(12), &r1, &["sub12-1"]),
+            LogicalMessage::StreamStop,
+            // Another streamed transaction, interleaved, later aborted.
+            start(20, true),
+            LogicalMessage::Relation(relation(1, Some(20), &["zzz"])),
+            insert(Some(20), &r1, &["other"]),
+            LogicalMessage::StreamStop,
+            start(10, false),
+            message(Some(12), false, "non-transactional"),
+            LogicalMessage::Relation(Arc::clone(&r2)),
+            insert(Some(12), &r2, &["sub12-2", "b"]),
+            insert(Some(10), &r2, &["top-2", "b"]),
+            LogicalMessage::StreamStop,
+            abort(10, 12),
+            abort(20, 20),
+            stream_commit(10, 500),
+        ]
+    }
+
+    #[test]
+    fn streamed_transaction_emits_nothing_before_stream_commit_and_drops_aborts() {
+        for limit in [usize::MAX, 0] {
+            let mut asm = Assembler::new(2, budget(limit)).unwrap();
+            let script = streamed_script();
+            let (before, last) = script.split_at(script.len() - 1);
+            let events = run(&mut asm, before).unwrap();
+            // Only the non-transactional message got out before Stream Commit.
+            let [TxnEvent::NonTxnMessage(m)] = events.as_slice() else {
+                panic!("{events:?}")
+            };
+            assert_eq!(m.message.content.as_ref(), b"non-transactional");
+            assert_eq!(asm.streamed_transactions(), (1, usize::from(limit == 0)));
+
+            let events = run(&mut asm, last).unwrap();
+            assert!(matches!(
+                events.first(),
+                Some(TxnEvent::Begin {
+                    xid: 10,
+                    final_lsn: Lsn(500),
+                    commit_time: PgTimestamp(2)
+                })
+            ));
+            assert!(matches!(
+                events.last(),
+                Some(TxnEvent::Commit {
+                    xid: 10,
+                    commit_lsn: Lsn(500),
+                    end_lsn: Lsn(508),
+                    ..
+                })
+            ));
+            let out = Assembled::from_events(events);
+            let [t] = out.transactions.as_slice() else {
+                panic!()
+            };
+            assert_eq!(
+                first_values(t),
+                ["top-1", "sub11-1", "top-2"],
+                "budget {limit}"
+            );
+            // Each change resolved against the relation as it was when sent, also after a spill.
+            let widths: Vec<usize> = t
+                .changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Insert(i) => Some(i.relation.columns.len()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(widths, [1, 1, 2]);
+            // The committed stream's relation now serves later transactions.
+            assert_eq!(asm.decoder().relation(1).unwrap().columns.len(), 2);
+            assert_eq!(asm.buffered_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn spilled_replay_is_pulled_one_event_at_a_time() {
+        let r = relation(1, Some(10), &["a"]);
+        let mut msgs = vec![start(10, true), LogicalMessage::Relation(Arc::clone(&r))];
+        for i in 0..1000 {
+            msgs.push(insert(Some(10), &r, &[&format!("{i}")]));
+        }
+        msgs.extend([LogicalMessage::StreamStop, stream_commit(10, 900)]);
+        let mut asm = Assembler::new(2, budget(1000)).unwrap();
+        for (i, m) in msgs.iter().enumerate() {
+            asm.feed(Lsn(i as u64), m.to_bytes()).unwrap();
+        }
+        assert_eq!(asm.buffered_bytes(), 0);
+        // One Begin, a lazy replay, one Commit are queued; the changes stay on disk until pulled.
+        assert_eq!(asm.pending.len(), 3);
+        let mut n = 0;
+        while let Some(ev) = asm.next_event().unwrap() {
+            if let TxnEvent::Change(Change::Insert(i)) = ev {
+                assert_eq!(i.new, row(&[&n.to_string()]));
+                n += 1;
+            }
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[test]
+    fn spill_dir_failure_is_a_typed_error() {
+        let r = relation(1, Some(10), &["a"]);
+        let mut asm = Assembler::new(
+            2,
+            AssemblerConfig {
+                memory_budget: 0,
+                spill_dir: Some("/nonexistent/spill/dir".into()),
+            },
+        )
+        .unwrap();
+        let e = run(
+            &mut asm,
+            &[
+                start(10, true),
+                LogicalMessage::Relation(Arc::clone(&r)),
+                insert(Some(10), &r, &["x"]),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(e, AssemblerError::Spill { xid: 10, .. }), "{e:?}");
+    }
 }
