@@ -8,6 +8,8 @@
 //!  ◀── 'r' standby status (flush = what the caller says is durable downstream)
 //! ```
 
+pub mod assembler;
 pub mod lsn;
+pub mod pgoutput;
 
 pub use lsn::Lsn;
