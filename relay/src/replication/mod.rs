@@ -8,6 +8,7 @@
 //!  ◀── 'r' standby status (flush = what the caller says is durable downstream)
 //! ```
 
+pub mod conn;
 pub mod lsn;
 
 pub use lsn::Lsn;
