@@ -5,5 +5,6 @@
 //! in parallel. Connection settings come from the variables `scripts/stack env` prints.
 
 mod compose;
+mod replication_client;
 mod smoke;
 mod support;
