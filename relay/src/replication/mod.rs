@@ -9,6 +9,7 @@
 //! ```
 
 pub mod assembler;
+pub mod conn;
 pub mod lsn;
 pub mod pgoutput;
 

@@ -119,3 +119,31 @@ impl Drop for TestDb {
         .join();
     }
 }
+
+/// A path from the environment, or the stack's default location under the main checkout (where
+/// `scripts/stack up` puts it when `STACK_DIR` is not set).
+fn stack_path(var: &str, default_below_stack_dir: &str) -> std::path::PathBuf {
+    match std::env::var_os(var) {
+        Some(path) => path.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../.stack")
+            .join(default_below_stack_dir),
+    }
+}
+
+/// The directory of the cluster's Unix socket (`STACK_PG_SOCKET_DIR`).
+pub fn socket_dir() -> std::path::PathBuf {
+    stack_path("STACK_PG_SOCKET_DIR", "pg/run")
+}
+
+/// The server's self-signed TLS certificate (`STACK_PG_CERT`): CN=localhost, SAN localhost and
+/// 127.0.0.1. Use it as the root certificate for `sslmode=verify-full`.
+pub fn server_cert() -> std::path::PathBuf {
+    stack_path("STACK_PG_CERT", "pg/data/server.crt")
+}
+
+/// Roles for password authentication over TCP (see `scripts/stack`): all have REPLICATION and
+/// SUPERUSER; pg_hba.conf gives each its method.
+pub const SCRAM_USER: (&str, &str) = ("relay_scram", "scram-secret");
+pub const MD5_USER: (&str, &str) = ("relay_md5", "md5-secret");
+pub const CLEARTEXT_USER: (&str, &str) = ("relay_clear", "clear-secret");
