@@ -41,13 +41,14 @@
 //! all WAL written by other tables); its round trip is measured.
 
 use crate::checkpoint::{self, Checkpoint};
+use crate::config::RelayKind;
 use crate::health::Health;
-use crate::metrics::{Component, EventKind, IgnoredChange, Metrics, RelayKind, TxnOutcome};
+use crate::metrics::{Component, EventKind, IgnoredChange, Metrics, TxnOutcome};
 use crate::outbox::{self, ColumnSet, Event, MessageEvent, OutRecord, Source, TopicRouter};
 use crate::replication::assembler::{Assembler, AssemblerConfig, AssemblerError, Change, TxnEvent};
 use crate::replication::conn::{
-    ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage,
-    SnapshotAction, StartOptions,
+    ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage, SnapshotAction,
+    StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
 use crate::replication::Lsn;
@@ -55,7 +56,6 @@ use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings};
 use crate::sink::{Committed, Sink, SinkError};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
@@ -109,7 +109,11 @@ pub enum CdcError {
     #[error("replication slot {slot:?} uses the output plugin {plugin:?}; this relay needs pgoutput. Drop the slot or configure another cdc.slot")]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot {slot:?} belongs to database {database:?}, not to {expected:?}")]
-    SlotDatabase { slot: String, database: String, expected: String },
+    SlotDatabase {
+        slot: String,
+        database: String,
+        expected: String,
+    },
     #[error("replication slot {slot:?} is in use by process {pid}; another relay is reading it (only one reader per slot). Retrying")]
     SlotInUse { slot: String, pid: String },
     #[error("replication slot {0:?} does not exist and cdc.create_slot is false; create it or set cdc.create_slot = true")]
@@ -121,7 +125,11 @@ pub enum CdcError {
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
     SystemMismatch { checkpoint: u64, server: u64 },
     #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
-    OutboxColumn { table: String, column: String, naming: ColumnSet },
+    OutboxColumn {
+        table: String,
+        column: String,
+        naming: ColumnSet,
+    },
     #[error("replication stream ended by the server")]
     StreamEnded,
     #[error("Postgres answered a query in an unexpected shape: {0}")]
@@ -302,13 +310,15 @@ impl<'a> Session<'a> {
         let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
         backend = backend.with_queue_full_counter(self.metrics.kafka_queue_full(RelayKind::Cdc));
         let (sink, checkpoint) = Sink::start(backend, key.clone()).await?;
-        let result = self.stream(&mut sql, &sink, checkpoint, slot_confirmed, key).await;
+        let result = self
+            .stream(&mut sql, &sink, checkpoint, slot_confirmed, key)
+            .await;
         if result.is_err() {
             // The open Kafka transaction (if any) dies with the producer; nothing was confirmed
             // past the last committed checkpoint.
-            self.metrics.kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted).inc_by(
-                u64::from(self.batch.events > 0 || self.inflight.is_some()),
-            );
+            self.metrics
+                .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                .inc_by(u64::from(self.batch.events > 0 || self.inflight.is_some()));
         }
         sink.close().await;
         sql.close().await;
@@ -384,16 +394,26 @@ impl<'a> Session<'a> {
         let (plugin, database, active_pid, confirmed, wal_status, current_db) =
             (cell(0), cell(1), cell(2), cell(3), cell(4), cell(5));
         if plugin != "pgoutput" {
-            return Err(CdcError::SlotPlugin { slot: s.slot.clone(), plugin });
+            return Err(CdcError::SlotPlugin {
+                slot: s.slot.clone(),
+                plugin,
+            });
         }
         if database != current_db {
-            return Err(CdcError::SlotDatabase { slot: s.slot.clone(), database, expected: current_db });
+            return Err(CdcError::SlotDatabase {
+                slot: s.slot.clone(),
+                database,
+                expected: current_db,
+            });
         }
         if wal_status == "lost" {
             return Err(CdcError::SlotLost(s.slot.clone()));
         }
         if !active_pid.is_empty() {
-            return Err(CdcError::SlotInUse { slot: s.slot.clone(), pid: active_pid });
+            return Err(CdcError::SlotInUse {
+                slot: s.slot.clone(),
+                pid: active_pid,
+            });
         }
         confirmed
             .parse::<Lsn>()
@@ -412,7 +432,10 @@ impl<'a> Session<'a> {
         let resume = match checkpoint {
             Some(cp) => {
                 if cp.system_id != self.system_id {
-                    return Err(CdcError::SystemMismatch { checkpoint: cp.system_id, server: self.system_id });
+                    return Err(CdcError::SystemMismatch {
+                        checkpoint: cp.system_id,
+                        server: self.system_id,
+                    });
                 }
                 if cp.end_lsn() < slot_confirmed {
                     tracing::warn!(
@@ -527,7 +550,9 @@ impl<'a> Session<'a> {
                 }
                 self.pending.clear();
                 sink.abort().await?;
-                self.metrics.kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted).inc();
+                self.metrics
+                    .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                    .inc();
                 self.batch = Batch::default();
             } else {
                 if self.inflight.is_some() {
@@ -540,7 +565,9 @@ impl<'a> Session<'a> {
                     confirmed = confirmed.max(self.on_committed(res)?);
                 }
             }
-            stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+            stream
+                .send_status_update(confirmed, confirmed, confirmed, false)
+                .await?;
             self.metrics.set_confirmed_lsn(confirmed.0);
             stream.finish().await?;
             Ok::<(), CdcError>(())
@@ -562,7 +589,9 @@ impl<'a> Session<'a> {
         }
         let opened = self.batch.opened?;
         self.batch.last?;
-        Some(tokio::time::Instant::from_std(opened + self.s.batch.max_delay))
+        Some(tokio::time::Instant::from_std(
+            opened + self.s.batch.max_delay,
+        ))
     }
 
     fn batch_due(&self, now: Instant) -> bool {
@@ -571,12 +600,17 @@ impl<'a> Session<'a> {
         }
         self.batch.events >= self.s.batch.max_events
             || self.batch.bytes >= self.s.batch.max_bytes
-            || self.batch.opened.is_some_and(|o| now >= o + self.s.batch.max_delay)
+            || self
+                .batch
+                .opened
+                .is_some_and(|o| now >= o + self.s.batch.max_delay)
     }
 
     /// Sends the batch's checkpoint and asks for the commit; the result arrives in `inflight`.
     async fn close_batch(&mut self, sink: &Sink) -> Result<(), CdcError> {
-        let Some((commit_lsn, end_lsn)) = self.batch.last else { return Ok(()) };
+        let Some((commit_lsn, end_lsn)) = self.batch.last else {
+            return Ok(());
+        };
         if !self.pending.is_empty() {
             sink.send(std::mem::take(&mut self.pending)).await?;
         }
@@ -601,19 +635,27 @@ impl<'a> Session<'a> {
         let (committed, batch) = match res {
             Ok(v) => v,
             Err(e) => {
-                self.metrics.kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted).inc();
+                self.metrics
+                    .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                    .inc();
                 return Err(e.into());
             }
         };
         let now = unix_micros(SystemTime::now());
-        self.metrics.kafka_transactions(RelayKind::Cdc, TxnOutcome::Committed).inc();
-        self.metrics.batch_events(RelayKind::Cdc).observe(batch.events as f64);
+        self.metrics
+            .kafka_transactions(RelayKind::Cdc, TxnOutcome::Committed)
+            .inc();
+        self.metrics
+            .batch_events(RelayKind::Cdc)
+            .observe(batch.events as f64);
         let latency = self.metrics.commit_to_kafka_seconds(RelayKind::Cdc);
         for t in &batch.commit_times {
             latency.observe((now - t).max(0) as f64 / 1e6);
         }
         for h in &batch.heartbeats {
-            self.metrics.heartbeat_rtt_seconds().observe((now - h).max(0) as f64 / 1e6);
+            self.metrics
+                .heartbeat_rtt_seconds()
+                .observe((now - h).max(0) as f64 / 1e6);
         }
         self.committed = committed.checkpoint;
         tracing::debug!(
@@ -627,7 +669,11 @@ impl<'a> Session<'a> {
 
     async fn on_event(&mut self, ev: TxnEvent, sink: &Sink) -> Result<(), CdcError> {
         match ev {
-            TxnEvent::Begin { xid, final_lsn, commit_time } => {
+            TxnEvent::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
                 let skip = final_lsn < self.resume_floor;
                 self.current = Some(WalTxn {
                     xid,
@@ -637,7 +683,9 @@ impl<'a> Session<'a> {
                 });
             }
             TxnEvent::Change(change) => {
-                let Some(txn) = &self.current else { return Ok(()) };
+                let Some(txn) = &self.current else {
+                    return Ok(());
+                };
                 if txn.skip {
                     return Ok(());
                 }
@@ -647,13 +695,22 @@ impl<'a> Session<'a> {
                     self.batch.bytes += record.size();
                     self.pending.push(record);
                     if self.pending.len() >= CHUNK {
-                        sink.send(std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK)))
-                            .await?;
+                        sink.send(std::mem::replace(
+                            &mut self.pending,
+                            Vec::with_capacity(CHUNK),
+                        ))
+                        .await?;
                     }
                 }
             }
-            TxnEvent::Commit { commit_lsn, end_lsn, .. } => {
-                let Some(txn) = self.current.take() else { return Ok(()) };
+            TxnEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
+                let Some(txn) = self.current.take() else {
+                    return Ok(());
+                };
                 if txn.skip {
                     self.metrics.skipped_transactions().inc();
                     return Ok(());
@@ -673,7 +730,9 @@ impl<'a> Session<'a> {
                          write events with pg_logical_emit_message(true, ...) so they commit with \
                          their transaction and are relayed exactly once"
                     );
-                    self.metrics.ignored_changes(IgnoredChange::OtherTable).inc();
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
                 }
             }
         }
@@ -691,33 +750,60 @@ impl<'a> Session<'a> {
         match change {
             Change::Insert(ins) => {
                 if !self.is_outbox(&ins.relation) {
-                    self.metrics.ignored_changes(IgnoredChange::OtherTable).inc();
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
                     return Ok(None);
                 }
                 self.ensure_layout(&ins.relation)?;
-                let Some(layout) = &self.layout else { return Ok(None) };
-                let source = Source::Wal { lsn: commit_lsn.0, xid };
+                let Some(layout) = &self.layout else {
+                    return Ok(None);
+                };
+                let source = Source::Wal {
+                    lsn: commit_lsn.0,
+                    xid,
+                };
                 match row_event(layout, &ins.new.columns, source, commit_ts_us) {
                     Ok(event) => {
                         self.metrics.events(RelayKind::Cdc, EventKind::Row).inc();
-                        self.metrics.event_bytes(RelayKind::Cdc).inc_by(event.payload.len() as u64);
+                        self.metrics
+                            .event_bytes(RelayKind::Cdc)
+                            .inc_by(event.payload.len() as u64);
                         let topic = self.router.topic(&event.aggregate_type);
                         Ok(Some(event.into_record(topic)))
                     }
                     Err(why) => {
                         tracing::warn!(lsn = %commit_lsn, xid, error = %why, "outbox row cannot be mapped; sent to the DLQ topic");
-                        let payload = ins.new.columns.get(layout.payload).and_then(Column::bytes).cloned();
-                        Ok(Some(self.dlq_record(why, payload.unwrap_or_default(), commit_lsn, xid)))
+                        let payload = ins
+                            .new
+                            .columns
+                            .get(layout.payload)
+                            .and_then(Column::bytes)
+                            .cloned();
+                        Ok(Some(self.dlq_record(
+                            why,
+                            payload.unwrap_or_default(),
+                            commit_lsn,
+                            xid,
+                        )))
                     }
                 }
             }
             Change::Update(u) => {
-                let kind = if self.is_outbox(&u.relation) { IgnoredChange::Update } else { IgnoredChange::OtherTable };
+                let kind = if self.is_outbox(&u.relation) {
+                    IgnoredChange::Update
+                } else {
+                    IgnoredChange::OtherTable
+                };
                 self.metrics.ignored_changes(kind).inc();
                 Ok(None)
             }
             Change::Delete(d) => {
-                let kind = if self.is_outbox(&d.relation) { IgnoredChange::Delete } else { IgnoredChange::OtherTable };
+                let kind = if self.is_outbox(&d.relation) {
+                    IgnoredChange::Delete
+                } else {
+                    IgnoredChange::OtherTable
+                };
                 self.metrics.ignored_changes(kind).inc();
                 Ok(None)
             }
@@ -727,26 +813,40 @@ impl<'a> Session<'a> {
             }
             Change::Message(m) => {
                 if m.prefix == self.s.heartbeat_prefix {
-                    if let Some(sent) = std::str::from_utf8(&m.content).ok().and_then(|t| t.parse::<i64>().ok()) {
+                    if let Some(sent) = std::str::from_utf8(&m.content)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok())
+                    {
                         self.batch.heartbeats.push(sent);
                     }
                     return Ok(None);
                 }
                 if m.prefix != self.s.message_prefix {
-                    self.metrics.ignored_changes(IgnoredChange::OtherTable).inc();
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
                     return Ok(None);
                 }
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
                         let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
-                        self.metrics.events(RelayKind::Cdc, EventKind::Message).inc();
-                        self.metrics.event_bytes(RelayKind::Cdc).inc_by(event.payload.len() as u64);
+                        self.metrics
+                            .events(RelayKind::Cdc, EventKind::Message)
+                            .inc();
+                        self.metrics
+                            .event_bytes(RelayKind::Cdc)
+                            .inc_by(event.payload.len() as u64);
                         let topic = self.router.topic(&event.aggregate_type);
                         Ok(Some(event.into_record(topic)))
                     }
                     Err(why) => {
                         tracing::warn!(lsn = %m.lsn, xid, error = %why, "logical message cannot be mapped; sent to the DLQ topic");
-                        Ok(Some(self.dlq_record(why.to_string(), m.content, commit_lsn, xid)))
+                        Ok(Some(self.dlq_record(
+                            why.to_string(),
+                            m.content,
+                            commit_lsn,
+                            xid,
+                        )))
                     }
                 }
             }
@@ -760,16 +860,22 @@ impl<'a> Session<'a> {
     }
 
     fn ensure_layout(&mut self, relation: &Arc<Relation>) -> Result<(), CdcError> {
-        if self.layout.as_ref().is_some_and(|l| Arc::ptr_eq(&l.relation, relation)) {
+        if self
+            .layout
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.relation, relation))
+        {
             return Ok(());
         }
         let cols = self.s.columns.names();
         let idx = |name: &str| {
-            relation.column_index(name).ok_or_else(|| CdcError::OutboxColumn {
-                table: self.table(),
-                column: name.to_owned(),
-                naming: self.s.columns,
-            })
+            relation
+                .column_index(name)
+                .ok_or_else(|| CdcError::OutboxColumn {
+                    table: self.table(),
+                    column: name.to_owned(),
+                    naming: self.s.columns,
+                })
         };
         let layout = OutboxLayout {
             relation: relation.clone(),
@@ -811,7 +917,9 @@ fn row_event(
         match cols.get(i) {
             Some(Column::Text(b)) | Some(Column::Binary(b)) => Ok(b.clone()),
             Some(Column::Null) => Err(format!("column {name} is NULL")),
-            Some(Column::UnchangedToast) => Err(format!("column {name} was not sent (unchanged TOAST)")),
+            Some(Column::UnchangedToast) => {
+                Err(format!("column {name} was not sent (unchanged TOAST)"))
+            }
             None => Err(format!("column {name} missing from the tuple")),
         }
     };
@@ -824,7 +932,10 @@ fn row_event(
     };
     Ok(Event {
         event_id: text(get(layout.event_id, "event_id")?, "event_id")?,
-        aggregate_type: text(get(layout.aggregate_type, "aggregate_type")?, "aggregate_type")?,
+        aggregate_type: text(
+            get(layout.aggregate_type, "aggregate_type")?,
+            "aggregate_type",
+        )?,
         aggregate_id: get(layout.aggregate_id, "aggregate_id")?,
         event_type: text(get(layout.event_type, "event_type")?, "event_type")?,
         payload: get(layout.payload, "payload")?,
@@ -836,9 +947,7 @@ fn row_event(
 
 /// Waits for the in-flight commit, if any; pending forever when there is none (for `select!`).
 /// Cancellation safe: the receiver stays in `inflight` until it has produced a value.
-async fn wait_inflight(
-    inflight: &mut Option<Inflight>,
-) -> Result<(Committed, Batch), SinkError> {
+async fn wait_inflight(inflight: &mut Option<Inflight>) -> Result<(Committed, Batch), SinkError> {
     let Some(f) = inflight.as_mut() else {
         return std::future::pending().await;
     };
@@ -880,5 +989,69 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 fn unix_micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The configuration cannot be turned into settings (a password file that cannot be read, a
+/// URL the replication client does not accept).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("postgres.url: {0}")]
+    Url(ReplicationError),
+    #[error("postgres.password_file: cannot read {path}: {source}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CdcSettings {
+    /// Settings from a validated configuration.
+    pub fn from_config(cfg: &crate::config::RelayConfig) -> Result<CdcSettings, SettingsError> {
+        let mut postgres =
+            ReplicationConfig::from_url(cfg.postgres.url.expose()).map_err(SettingsError::Url)?;
+        if let Some(path) = &cfg.postgres.password_file {
+            let password =
+                std::fs::read_to_string(path).map_err(|source| SettingsError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            postgres.password = Some(password.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        postgres.connect_timeout = cfg.postgres.connect_timeout;
+        if postgres.application_name.is_empty() {
+            postgres.application_name = format!("outbox-relay-{}", cfg.cdc.slot);
+        }
+        let (table_schema, table_name) = match cfg.outbox.table.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), cfg.outbox.table.clone()),
+        };
+        Ok(CdcSettings {
+            postgres,
+            slot: cfg.cdc.slot.clone(),
+            publication: cfg.cdc.publication.clone(),
+            create_slot: cfg.cdc.create_slot,
+            table_schema,
+            table_name,
+            columns: cfg.outbox.columns,
+            topic_template: cfg.outbox.topic_template.clone(),
+            message_prefix: cfg.cdc.message_prefix.clone(),
+            heartbeat_prefix: cfg.cdc.heartbeat_prefix.clone(),
+            heartbeat_interval: cfg.cdc.heartbeat(),
+            status_interval: cfg.cdc.status_interval,
+            proto_version: cfg.cdc.proto_version,
+            batch: BatchLimits {
+                max_events: cfg.batch.max_events,
+                max_bytes: cfg.batch.max_bytes,
+                max_delay: cfg.batch.max_delay,
+            },
+            kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            shutdown_timeout: cfg.shutdown.timeout,
+            assembler: AssemblerConfig::default(),
+        })
+    }
 }

@@ -515,6 +515,9 @@ pub struct KafkaConfig {
     pub transactional_id: Option<String>,
     /// The compacted, single-partition topic holding the relays' checkpoints.
     pub checkpoint_topic: String,
+    /// Where outbox rows and messages that cannot be mapped to an event go (with the reason in a
+    /// header), inside the same transaction: a poison row never blocks the relay nor is dropped.
+    pub dlq_topic: String,
     /// librdkafka `transaction.timeout.ms`.
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
@@ -528,6 +531,7 @@ impl Default for KafkaConfig {
             bootstrap_servers: String::new(),
             transactional_id: None,
             checkpoint_topic: "outbox.relay.checkpoints".to_owned(),
+            dlq_topic: "outbox.relay.dlq".to_owned(),
             transaction_timeout: Duration::from_secs(60),
             librdkafka: LibrdkafkaOptions::default(),
         }
@@ -540,6 +544,7 @@ impl fmt::Debug for KafkaConfig {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("transactional_id", &self.transactional_id)
             .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("dlq_topic", &self.dlq_topic)
             .field("transaction_timeout", &self.transaction_timeout)
             .field("librdkafka", &self.librdkafka)
             .finish()
@@ -974,6 +979,14 @@ impl RelayConfig {
             format!(
                 "`{}` is not a valid topic name (letters, digits, `.`, `_`, `-`, at most 249)",
                 self.kafka.checkpoint_topic
+            ),
+        );
+        check(
+            is_topic_name(&self.kafka.dlq_topic),
+            "kafka.dlq_topic",
+            format!(
+                "`{}` is not a valid topic name (letters, digits, `.`, `_`, `-`, at most 249)",
+                self.kafka.dlq_topic
             ),
         );
         let timeout = self.kafka.transaction_timeout;

@@ -12,6 +12,7 @@
 //!  config  metrics  telemetry  shutdown  health
 //! ```
 
+pub mod cdc;
 pub mod checkpoint;
 pub mod config;
 pub mod health;

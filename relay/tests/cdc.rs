@@ -55,6 +55,26 @@ impl Harness {
         RelayProc::spawn(&["cdc"], &self.env())
     }
 
+    /// The relay's /metrics text (its http.listen is in `env`).
+    async fn metrics(env: &RelayEnv) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = env
+            .vars
+            .iter()
+            .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
+            .map(|(_, v)| v.clone())
+            .expect("http.listen set");
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     fn topics(&self) -> Vec<String> {
         AGGREGATE_TYPES
             .iter()
@@ -319,4 +339,181 @@ async fn exactly_once_across_a_broker_restart() {
         .success());
     assert_exactly_once(&h.tally(&state).await, "broker restart");
     drop(broker);
+}
+
+/// The value of a sample line `name{labels} value` in a metrics text, if present.
+fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Debezium's column names, transactional logical messages as events, updates and deletes of
+/// outbox rows ignored and counted, and a poison message sent to the DLQ topic (not dropped, not
+/// blocking the rows after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debezium_columns_messages_ignored_changes_and_poison() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    let c = h.client().await;
+    c.batch_execute(
+        "CREATE TABLE dbz_outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL); \
+         CREATE PUBLICATION dbz_pub FOR TABLE dbz_outbox;",
+    )
+    .await
+    .unwrap();
+    h.create_slot().await;
+    let dlq = unique_name("dlq");
+    let mut env = h.env();
+    env.set("RELAY_OUTBOX__TABLE", "public.dbz_outbox")
+        .set("RELAY_OUTBOX__COLUMNS", "debezium")
+        .set("RELAY_CDC__PUBLICATION", "dbz_pub")
+        .set("RELAY_KAFKA__DLQ_TOPIC", &dlq);
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        c.execute(
+            "INSERT INTO dbz_outbox VALUES ($1, 'order', $2, 'OrderPlaced', $3)",
+            &[id, &format!("o-{i}"), &serde_json::json!({"seq": i + 1})],
+        )
+        .await
+        .unwrap();
+    }
+    c.execute(
+        "UPDATE dbz_outbox SET type = 'Changed' WHERE id = $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    c.execute("DELETE FROM dbz_outbox WHERE id = $1", &[&ids[1]])
+        .await
+        .unwrap();
+    // A poison message first, then a good one in a later transaction: the good one still arrives.
+    c.batch_execute("SELECT pg_logical_emit_message(true, 'outbox', 'not json at all')")
+        .await
+        .unwrap();
+    let msg_id = uuid::Uuid::new_v4();
+    c.execute(
+        "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
+        &[&serde_json::json!({"event_id": msg_id, "aggregate_type": "order", "aggregate_id": "o-9",
+            "event_type": "FromWal", "payload": {"seq": 1}, "headers": {"trace": "t-1"}})
+        .to_string()],
+    )
+    .await
+    .unwrap();
+    // Not transactional: not relayed (it could be re-sent after a restart), counted as ignored.
+    c.batch_execute("SELECT pg_logical_emit_message(false, 'outbox', '{}')")
+        .await
+        .unwrap();
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+
+    let events = kafka::read_all(&format!("{}.order", h.prefix), Isolation::ReadCommitted).await;
+    let mut got: Vec<(String, String)> = events
+        .iter()
+        .map(|r| {
+            (
+                r.header("event_id").unwrap().to_owned(),
+                r.header("event_type").unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.to_string(), "OrderPlaced".to_owned()))
+        .chain([(msg_id.to_string(), "FromWal".to_owned())])
+        .collect();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "three rows (by Debezium column names) and one WAL message, once each"
+    );
+    let from_wal = events
+        .iter()
+        .find(|r| r.header("event_type") == Some("FromWal"))
+        .unwrap();
+    assert_eq!(from_wal.key_str(), "o-9");
+    assert_eq!(from_wal.value_str(), r#"{"seq":1}"#);
+    assert_eq!(from_wal.header("trace"), Some("t-1"));
+
+    let dead = kafka::read_all(&dlq, Isolation::ReadCommitted).await;
+    assert_eq!(dead.len(), 1, "the poison message is in the DLQ topic");
+    assert_eq!(dead[0].value_str(), "not json at all");
+    assert!(dead[0]
+        .header("error")
+        .is_some_and(|e| e.contains("not an outbox event")));
+
+    let m = Harness::metrics(&env).await;
+    assert_eq!(
+        sample(&m, "relay_ignored_changes_total{kind=\"update\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_ignored_changes_total{kind=\"delete\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_events_total{kind=\"row\",relay=\"cdc\"}"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_events_total{kind=\"message\",relay=\"cdc\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+}
+
+/// `relay check-config` rejects a bad configuration naming each key and its problem (exit 2),
+/// and accepts a good one (exit 0) without printing the password.
+#[test]
+fn check_config_names_the_key_and_the_problem() {
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("check-config")
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .env("RELAY_BATCH__MAX_EVENTS", "0")
+        .env("RELAY_CDC__SLOT", "Bad-Slot")
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVER", "typo")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    for key in [
+        "postgres.url",
+        "batch.max_events",
+        "cdc.slot",
+        "kafka.bootstrap_server",
+    ] {
+        assert!(err.contains(key), "the error names {key}: {err}");
+    }
+
+    let good = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("check-config")
+        .env(
+            "RELAY_POSTGRES__URL",
+            "postgres://relay:s3cret-pw@127.0.0.1:5432/app",
+        )
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&good.stdout),
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(good.status.success(), "{out}");
+    assert!(
+        !out.contains("s3cret-pw"),
+        "the password is never printed: {out}"
+    );
 }

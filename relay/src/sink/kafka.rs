@@ -22,16 +22,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// Options owned by the typed settings; the passthrough map may not set them.
-pub const OWNED_OPTIONS: &[&str] = &[
-    "bootstrap.servers",
-    "transactional.id",
-    "transaction.timeout.ms",
-    "enable.idempotence",
-    "isolation.level",
-    "enable.auto.commit",
-];
-
 /// Settings of the Kafka backend.
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
@@ -45,6 +35,27 @@ pub struct KafkaSettings {
     pub create_topics: bool,
     /// librdkafka options passed through unchanged.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// The sink's settings for relay `kind` (the two relays share everything but the
+    /// transactional id).
+    pub fn from_config(cfg: &crate::config::RelayConfig, kind: crate::config::RelayKind) -> Self {
+        KafkaSettings {
+            bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+            transactional_id: cfg.transactional_id(kind),
+            checkpoint_topic: cfg.kafka.checkpoint_topic.clone(),
+            transaction_timeout: cfg.kafka.transaction_timeout,
+            topic_partitions: i32::try_from(cfg.outbox.topic_partitions).unwrap_or(i32::MAX),
+            create_topics: cfg.outbox.create_topics,
+            librdkafka: cfg
+                .kafka
+                .librdkafka
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }
+    }
 }
 
 /// Timeout of one blocking transaction call (init, commit, abort).
@@ -136,7 +147,7 @@ impl KafkaBackend {
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
     fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
         let topic = &self.settings.checkpoint_topic;
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<ReaderContext> = self
             .base_config()
             .set(
                 "group.id",
@@ -146,7 +157,7 @@ impl KafkaBackend {
             // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(|e| SinkError::Config(e.to_string()))?;
         let (low, high) = consumer
             .fetch_watermarks(topic, 0, CALL_TIMEOUT)
@@ -196,6 +207,20 @@ impl KafkaBackend {
         Ok(latest)
     }
 }
+
+/// The checkpoint reader's client context: the end of the partition is how the reader knows it
+/// is done, not an error worth an ERROR log line (librdkafka also reports it as a global error).
+struct ReaderContext;
+
+impl rdkafka::client::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "checkpoint reader: librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 /// Maps a transaction call's error by rust-rdkafka's three questions.
 fn classify(what: &str, e: KafkaError) -> SinkError {

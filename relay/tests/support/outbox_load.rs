@@ -42,7 +42,9 @@ pub async fn writer(url: String, writer_id: u32, state: LoadState, pause: Durati
                 for _ in 0..rows {
                     let agg = format!("w{writer_id}-{}", rand::random::<u32>() % 20);
                     let ty = AGGREGATE_TYPES[(rand::random::<u32>() % 3) as usize];
-                    let seq = seqs.get(&agg).copied().unwrap_or(0) + 1;
+                    // Rows of one transaction for the same aggregate get consecutive numbers.
+                    let earlier = ids.iter().filter(|(_, a)| *a == agg).count() as i64;
+                    let seq = seqs.get(&agg).copied().unwrap_or(0) + 1 + earlier;
                     let id = uuid::Uuid::new_v4();
                     let payload = serde_json::json!({"seq": seq, "agg": agg, "pad": "x".repeat(200)});
                     tx.execute(
