@@ -72,6 +72,41 @@ async fn table_and_publication(db: &TestDb) -> (tokio_postgres::Client, String) 
     (admin, publication)
 }
 
+/// A stream from a fresh slot over a publication of table `items`, in a database of its own.
+struct Streaming {
+    stream: ReplicationStream,
+    slot: String,
+    consistent_point: Lsn,
+    /// A normal connection to the database.
+    admin: tokio_postgres::Client,
+    /// Last, so that the database outlives the connections to it.
+    db: TestDb,
+}
+
+impl Streaming {
+    async fn start() -> Streaming {
+        let db = TestDb::create_empty().await;
+        let (admin, publication) = table_and_publication(&db).await;
+        let mut client = connect(&superuser_config(&db)).await;
+        let slot = unique_name("slot");
+        let created = client
+            .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
+            .await
+            .unwrap();
+        let stream = client
+            .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
+            .await
+            .unwrap();
+        Streaming {
+            stream,
+            slot,
+            consistent_point: created.consistent_point,
+            admin,
+            db,
+        }
+    }
+}
+
 /// The next message within `timeout`; panics on errors, the end of the stream, or the timeout.
 async fn next_within(stream: &mut ReplicationStream, timeout: Duration) -> ReplicationMessage {
     tokio::time::timeout(timeout, stream.next())
@@ -389,18 +424,13 @@ async fn create_slot_with_exported_snapshot_then_drop() {
 
 #[tokio::test]
 async fn stream_a_transaction_confirm_it_and_finish() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    let created = client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
+    let Streaming {
+        mut stream,
+        slot,
+        consistent_point,
+        admin,
+        db,
+    } = Streaming::start().await;
 
     admin
         .execute("INSERT INTO items (body) VALUES ('hello')", &[])
@@ -439,7 +469,7 @@ async fn stream_a_transaction_confirm_it_and_finish() {
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
     );
     let confirmed: String = admin.query_one(&confirmed_sql, &[]).await.unwrap().get(0);
-    assert_eq!(confirmed.parse::<Lsn>().unwrap(), created.consistent_point);
+    assert_eq!(confirmed.parse::<Lsn>().unwrap(), consistent_point);
 
     // Confirm the transaction's end LSN and ask for an immediate reply: the server answers
     // with a keepalive, and the slot's confirmed position advances to exactly that LSN.
@@ -481,19 +511,8 @@ async fn stream_a_transaction_confirm_it_and_finish() {
 
 #[tokio::test]
 async fn next_survives_cancellation_in_select() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
-    admin
+    let mut s = Streaming::start().await;
+    s.admin
         .batch_execute(
             "INSERT INTO items (body) SELECT repeat('x', 20000) FROM generate_series(1, 50)",
         )
@@ -511,7 +530,7 @@ async fn next_survives_cancellation_in_select() {
             "the transaction in time: {tags:?}"
         );
         tokio::select! {
-            message = stream.next() => {
+            message = s.stream.next() => {
                 if let Some(ReplicationMessage::XLogData { data, .. }) = message.unwrap() {
                     if data.first() == Some(&b'I') {
                         assert!(data.len() > 20000, "an Insert arrives whole");
@@ -524,34 +543,24 @@ async fn next_survives_cancellation_in_select() {
     }
     let inserts = tags.iter().filter(|&&t| t == b'I').count();
     assert_eq!((tags[0], inserts), (b'B', 50), "{tags:?}");
-    stream.finish().await.unwrap();
+    s.stream.finish().await.unwrap();
 }
 
 #[tokio::test]
 async fn terminated_walsender_is_a_transient_stream_error() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
-    let terminated: bool = admin
+    let mut s = Streaming::start().await;
+    let terminated: bool = s
+        .admin
         .query_one(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
+            &[&s.slot],
         )
         .await
         .unwrap()
         .get(0);
     assert!(terminated);
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(15), stream.next())
+        match tokio::time::timeout(Duration::from_secs(15), s.stream.next())
             .await
             .unwrap()
         {
