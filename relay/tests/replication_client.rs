@@ -85,9 +85,18 @@ struct Streaming {
 
 impl Streaming {
     async fn start() -> Streaming {
+        Self::start_after(&[]).await
+    }
+
+    /// Runs `setup` (SQL such as `SET wal_sender_timeout = ...`) on the replication connection
+    /// before streaming starts.
+    async fn start_after(setup: &[&str]) -> Streaming {
         let db = TestDb::create_empty().await;
         let (admin, publication) = table_and_publication(&db).await;
         let mut client = connect(&superuser_config(&db)).await;
+        for sql in setup {
+            client.simple_query(sql).await.unwrap();
+        }
         let slot = unique_name("slot");
         let created = client
             .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
@@ -572,6 +581,55 @@ async fn terminated_walsender_is_a_transient_stream_error() {
     // The server says why (admin_shutdown) before it closes the socket.
     assert_eq!(err.sqlstate(), Some(sqlstate::ADMIN_SHUTDOWN), "{err}");
     assert!(err.is_transient(), "{err}");
+}
+
+/// `wal_sender_timeout` can be set per connection (it is a user setting), so a short one makes
+/// the server's reply-requested keepalives, due at half the timeout, come within a second.
+#[tokio::test]
+async fn keepalives_ask_for_replies_and_unanswered_ones_end_the_stream() {
+    let mut s = Streaming::start_after(&["SET wal_sender_timeout = '2s'"]).await;
+
+    // Answered: the stream lives on through several timeouts' worth of keepalives.
+    let started = Instant::now();
+    let mut answered = 0;
+    while answered < 3 {
+        if let ReplicationMessage::Keepalive {
+            wal_end,
+            reply_requested,
+            ..
+        } = next_within(&mut s.stream, Duration::from_secs(15)).await
+        {
+            assert!(wal_end.is_valid());
+            if reply_requested {
+                // Nothing was received, so the slot's own position is all that is safe.
+                let safe = s.consistent_point;
+                s.stream
+                    .send_status_update(safe, safe, safe, false)
+                    .await
+                    .unwrap();
+                answered += 1;
+            }
+        }
+    }
+    assert!(started.elapsed() > Duration::from_secs(2));
+
+    // Unanswered: the server gives up after the timeout and closes the connection between
+    // messages (it logs the reason, it does not send it): a clean EOF, transient.
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(15), s.stream.next())
+            .await
+            .expect("the server times out the silent client")
+        {
+            Ok(Some(ReplicationMessage::Keepalive { .. })) => continue,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, ReplicationError::UnexpectedEof { mid_frame: false }),
+        "{err}"
+    );
+    assert!(err.is_transient());
 }
 
 #[tokio::test]

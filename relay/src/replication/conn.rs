@@ -684,8 +684,8 @@ impl ReplicationClient {
                     tracing::debug!(slot, lsn = %start_lsn, "replication streaming started");
                     return Ok(ReplicationStream {
                         conn: self.conn,
-                        copy_done_sent: false,
                         ended: false,
+                        command_complete: false,
                     });
                 }
                 other => other.into_message("in answer to START_REPLICATION")?,
@@ -754,24 +754,27 @@ impl ReplicationClient {
 /// ```
 pub struct ReplicationStream {
     conn: Connection,
-    copy_done_sent: bool,
-    /// The server ended the copy (CommandComplete or ReadyForQuery seen): `next` returns `None`.
+    /// The server ended the copy (CopyDone or CommandComplete seen): `next` returns `None`.
     ended: bool,
+    /// The server completed START_REPLICATION; it may close the connection after that.
+    command_complete: bool,
 }
 
 impl fmt::Debug for ReplicationStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplicationStream")
             .field("bytes_received", &self.conn.reader.offset())
-            .field("copy_done_sent", &self.copy_done_sent)
             .field("ended", &self.ended)
+            .field("command_complete", &self.command_complete)
             .finish_non_exhaustive()
     }
 }
 
 impl ReplicationStream {
-    /// The next XLogData or keepalive; `Ok(None)` once the server has ended the copy (CopyDone,
-    /// then CommandComplete), for example after [`ReplicationStream::finish`]'s CopyDone.
+    /// The next XLogData or keepalive; `Ok(None)` once the server has ended the copy: with a
+    /// CopyDone (sent first only when the server stops streaming on its own) or a
+    /// CommandComplete (a walsender stopping for a server shutdown completes the command and
+    /// exits). Then call [`ReplicationStream::finish`] to complete the exchange.
     ///
     /// **Cancellation safe**: it may be used as a branch of `tokio::select!`. All partial input
     /// is kept in the stream's own buffer, the only await is `read_buf` (which either appends to
@@ -798,8 +801,13 @@ impl ReplicationStream {
                 StreamEvent::Notice(notice) => log_notice(&notice),
                 StreamEvent::CopyDone => {
                     tracing::debug!(offset, "the server ended the replication copy");
+                    self.ended = true;
                 }
-                StreamEvent::CommandComplete | StreamEvent::ReadyForQuery => self.ended = true,
+                StreamEvent::CommandComplete => {
+                    self.command_complete = true;
+                    self.ended = true;
+                }
+                StreamEvent::ReadyForQuery => self.ended = true,
                 StreamEvent::Ignored => {}
             }
         }
@@ -838,23 +846,30 @@ impl ReplicationStream {
     /// CopyDone, CommandComplete and ReadyForQuery, then sends Terminate. The slot becomes
     /// inactive once the server has processed this. Nothing received here is confirmed, so
     /// the caller loses nothing it has not already handled: those messages are streamed again
-    /// next time.
+    /// next time. Send a last status update first if a newer position has become durable.
     pub async fn finish(mut self) -> Result<(), ReplicationError> {
-        if !self.copy_done_sent {
-            frontend::copy_done(&mut self.conn.wbuf);
-            self.conn.send().await?;
-            self.copy_done_sent = true;
+        frontend::copy_done(&mut self.conn.wbuf);
+        let sent = self.conn.send().await;
+        // After CommandComplete the server may be gone already; then there is nothing to end.
+        if !self.command_complete {
+            sent?;
         }
         loop {
-            let frame = self.conn.read_frame().await?;
+            let frame = match self.conn.read_frame().await {
+                Ok(frame) => frame,
+                Err(ReplicationError::UnexpectedEof { mid_frame: false })
+                    if self.command_complete =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
             match frame::decode_stream_frame(frame)? {
                 StreamEvent::ReadyForQuery => break,
+                StreamEvent::CommandComplete => self.command_complete = true,
                 StreamEvent::Error(e) => return Err(e.into()),
                 StreamEvent::Notice(notice) => log_notice(&notice),
-                StreamEvent::Message(_)
-                | StreamEvent::CopyDone
-                | StreamEvent::CommandComplete
-                | StreamEvent::Ignored => {}
+                StreamEvent::Message(_) | StreamEvent::CopyDone | StreamEvent::Ignored => {}
             }
         }
         self.conn.terminate().await;
@@ -982,8 +997,8 @@ mod tests {
         let (ours, server) = tokio::io::duplex(1 << 16);
         let stream = ReplicationStream {
             conn: Connection::new(Box::new(ours)),
-            copy_done_sent: false,
             ended: false,
+            command_complete: false,
         };
         (stream, server)
     }
@@ -1201,5 +1216,21 @@ mod tests {
         );
         assert!(err.is_transient());
         drop(listener);
+    }
+
+    #[tokio::test]
+    async fn command_complete_then_close_ends_the_stream_and_finish_is_clean() {
+        // What a walsender does when the server shuts down: CommandComplete, then exit.
+        let (mut stream, mut server) = stream_over_pipe();
+        let mut bytes = keepalive(1, 2, false);
+        bytes.extend(backend_frame(b'C', b"START_STREAMING\0"));
+        server.write_all(&bytes).await.unwrap();
+        drop(server);
+        assert!(matches!(
+            stream.next().await.unwrap(),
+            Some(ReplicationMessage::Keepalive { .. })
+        ));
+        assert_eq!(stream.next().await.unwrap(), None);
+        stream.finish().await.unwrap();
     }
 }
