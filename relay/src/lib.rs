@@ -12,5 +12,15 @@
 //!  config  metrics  telemetry  shutdown  health
 //! ```
 
+pub mod cdc;
+pub mod checkpoint;
+pub mod config;
+pub mod health;
+pub mod metrics;
 pub mod migrate;
+pub mod outbox;
 pub mod replication;
+pub mod shutdown;
+pub mod sink;
+pub mod systemd;
+pub mod telemetry;

@@ -1,20 +1,55 @@
 //! `relay`: the daemon's entry point. Thin: the library does the work.
 
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+use relay::config::{RelayConfig, RelayKind};
+use relay::health::Health;
+use relay::metrics::Metrics;
+use relay::shutdown::Shutdown;
+use std::time::Duration;
+
+/// Exit code of `check-config` for an invalid configuration (1 is any other failure).
+const EXIT_INVALID_CONFIG: u8 = 2;
 
 #[derive(Parser)]
 #[command(
     name = "relay",
     version,
-    about = "Transactional-outbox relay: PostgreSQL to Kafka, exactly once"
+    about = "Transactional-outbox relay: PostgreSQL to Kafka, exactly once",
+    long_about = "Transactional-outbox relay: PostgreSQL to Kafka, exactly once.\n\n\
+        Configuration comes from an optional file (--config) and RELAY_* environment variables, \
+        which win: RELAY_ + the dotted key in upper case with __ between levels, e.g. \
+        RELAY_KAFKA__BOOTSTRAP_SERVERS=broker:9092. See deploy/relay.example.toml for every key."
 )]
 struct Cli {
+    /// Configuration file, TOML (.toml) or YAML (.yaml, .yml). Optional: the environment alone
+    /// may configure everything.
+    #[arg(long, global = true, env = "RELAY_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the CDC relay: stream the outbox from a logical replication slot into Kafka,
+    /// exactly once (Kafka transactions carrying the checkpoint; the slot is confirmed only
+    /// after the Kafka commit).
+    ///
+    /// Runs until SIGTERM/SIGINT (exit 0 after committing or aborting the open transaction) or
+    /// a fatal error (exit 1: fenced by another instance, bad slot, wrong cluster...). Serves
+    /// /metrics, /healthz and /readyz on http.listen; notifies systemd (Type=notify) when
+    /// streaming.
+    Cdc,
+    /// Load and validate the configuration, then print it as it will be used (secrets redacted).
+    ///
+    /// Exits 0 when valid, printing the effective configuration as JSON on stdout; exits 2 when
+    /// not, printing every problem found on stderr, one per line, each naming its key.
+    CheckConfig,
+
     /// Apply the schema migrations (outbox, publication, dedup table, demo orders). Idempotent.
     Migrate {
         /// Postgres connection URL, e.g. postgres://user@127.0.0.1:55432/db
@@ -24,13 +59,141 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
+        Command::Cdc => run_cdc(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
             println!("applied {n} migration(s)");
+            Ok(ExitCode::SUCCESS)
         }
     }
-    Ok(())
+}
+
+fn check_config(path: Option<&Path>) -> ExitCode {
+    match RelayConfig::load(path) {
+        Ok(config) => match serde_json::to_string_pretty(&config) {
+            Ok(json) => {
+                println!("{json}");
+                eprintln!(
+                    "configuration is valid (transactional ids: cdc {}, poll {})",
+                    config.transactional_id(RelayKind::Cdc),
+                    config.transactional_id(RelayKind::Poll)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot print the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            for problem in e.problems() {
+                eprintln!("error: {problem}");
+            }
+            ExitCode::from(EXIT_INVALID_CONFIG)
+        }
+    }
+}
+
+/// Loads the configuration, printing every problem (exit 2) if it is invalid.
+fn load_config(path: Option<&Path>) -> Result<RelayConfig, ExitCode> {
+    RelayConfig::load(path).map_err(|e| {
+        for problem in e.problems() {
+            eprintln!("error: {problem}");
+        }
+        ExitCode::from(EXIT_INVALID_CONFIG)
+    })
+}
+
+/// What both relays run around their loop: telemetry, metrics, the HTTP endpoints, signals,
+/// systemd readiness and watchdog.
+struct Daemon {
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+    server: relay::health::Server,
+}
+
+impl Daemon {
+    async fn start(cfg: &RelayConfig) -> anyhow::Result<Daemon> {
+        relay::telemetry::init(cfg.log.format, &cfg.log.level)?;
+        let metrics = Metrics::new()?;
+        let health = Health::new();
+        let shutdown = Shutdown::new();
+        shutdown.listen_for_signals()?;
+        let server = relay::health::serve(
+            cfg.http.listen,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(listen = %server.local_addr, "serving /metrics, /healthz, /readyz");
+        // systemd: READY=1 once the relay first reports ready; the watchdog is pinged while the
+        // relay reports healthy (a relay that gave up stops pinging and systemd restarts it).
+        let (h, s) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut notified = false;
+            let watchdog = relay::systemd::watchdog_interval();
+            let mut tick = tokio::time::interval(
+                watchdog
+                    .unwrap_or(Duration::from_millis(200))
+                    .min(Duration::from_millis(200)),
+            );
+            let mut last_ping = std::time::Instant::now();
+            while !s.is_triggered() {
+                tick.tick().await;
+                if !notified && h.is_ready() {
+                    relay::systemd::ready("streaming");
+                    notified = true;
+                }
+                if let Some(every) = watchdog {
+                    if h.is_healthy() && last_ping.elapsed() >= every {
+                        relay::systemd::watchdog_ping();
+                        last_ping = std::time::Instant::now();
+                    }
+                }
+            }
+            relay::systemd::stopping("draining");
+        });
+        Ok(Daemon {
+            metrics,
+            health,
+            shutdown,
+            server,
+        })
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server.task).await;
+    }
+}
+
+async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let daemon = Daemon::start(&cfg).await?;
+    let result = relay::cdc::run(
+        settings,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    daemon.stop().await;
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %e, "exiting");
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -4,7 +4,9 @@
 //! database (or its own cluster) and its own topic names and transactional ids, so they run
 //! in parallel. Connection settings come from the variables `scripts/stack env` prints.
 
+mod cdc;
 mod compose;
 mod replication_client;
+mod sink;
 mod smoke;
 mod support;

@@ -8,7 +8,9 @@
 //!  ◀── 'r' standby status (flush = what the caller says is durable downstream)
 //! ```
 
+pub mod assembler;
 pub mod conn;
 pub mod lsn;
+pub mod pgoutput;
 
 pub use lsn::Lsn;

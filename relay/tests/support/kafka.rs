@@ -79,15 +79,21 @@ pub async fn create_topic(name: &str, partitions: i32) {
 /// Every record of `topic` from the beginning up to the end offsets as of the call, under
 /// `isolation`. Runs on a blocking thread (the consumer's calls block).
 pub async fn read_all(topic: &str, isolation: Isolation) -> Vec<Record> {
+    read_all_from(&bootstrap(), topic, isolation).await
+}
+
+/// Like [`read_all`], from the broker at `bootstrap`.
+pub async fn read_all_from(bootstrap: &str, topic: &str, isolation: Isolation) -> Vec<Record> {
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_all_blocking(&topic, isolation))
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &topic, isolation))
         .await
         .expect("reader thread")
 }
 
-pub fn read_all_blocking(topic: &str, isolation: Isolation) -> Vec<Record> {
+pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", super::unique_name("reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", isolation.as_str())
@@ -101,6 +107,7 @@ pub fn read_all_blocking(topic: &str, isolation: Isolation) -> Vec<Record> {
     let partitions: Vec<i32> = md
         .topics()
         .iter()
+        .filter(|t| t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     let mut tpl = TopicPartitionList::new();

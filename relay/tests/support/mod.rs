@@ -6,7 +6,9 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod outbox_load;
 pub mod pg;
+pub mod process;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,0 +1,1057 @@
+//! The CDC relay: replication slot → pgoutput → outbox envelope → Kafka transaction, exactly once.
+//!
+//! ```text
+//!            ┌──────────── session (reconnects on transient errors) ─────────────┐
+//!  Postgres  │ START_REPLICATION ─▶ Assembler ─▶ map outbox inserts / messages ─▶│ Sink thread ─▶ Kafka
+//!  (slot) ◀──┤ standby status: flush = end LSN of the last COMMITTED checkpoint   │  (events + checkpoint
+//!            └────────────────────────────────────────────────────────────────────┘   in one transaction)
+//! ```
+//!
+//! ## Progress tracking: which LSN is safe to confirm
+//!
+//! A Kafka transaction carries the events of one or more whole WAL transactions and, last, a
+//! checkpoint record whose `end_lsn` is the end LSN of the last of them (from its Commit message:
+//! Postgres skips on restart the transactions whose commit record ends at or before the confirmed
+//! point, so confirming the commit LSN instead would replay the last transaction). Only after
+//! `commit_transaction` has returned is that `end_lsn` sent to Postgres as the flush position.
+//! Keepalives are answered with the same last committed position, never with the keepalive's own
+//! `wal_end`: confirming past a transaction that is open or not yet committed to Kafka is how other
+//! relays have lost events.
+//!
+//! On start the checkpoint is read back from Kafka (`read_committed`) and streaming resumes at its
+//! `end_lsn`. The slot's `confirmed_flush_lsn` can lag behind it (the process died between the
+//! Kafka commit and the status update; Postgres persists the slot only at checkpoints), so every
+//! transaction whose commit LSN is below the checkpoint's `end_lsn` is dropped here: it is in Kafka.
+//!
+//! ## Batching
+//!
+//! Records are handed to the sink thread as they are decoded, so a transaction of any size is
+//! never held in memory whole: it sits in the open Kafka transaction, invisible to
+//! `read_committed` readers until the commit. A batch closes at a WAL transaction boundary when
+//! it reaches `max_events` or `max_bytes`, or `max_delay` after its first transaction. One commit
+//! is in flight at a time; meanwhile the loop goes on reading and the next batch grows, so under
+//! load batches grow to what arrives during one commit, and at low rates each transaction is
+//! committed within `max_delay`.
+//!
+//! ## Liveness
+//!
+//! A heartbeat (`pg_logical_emit_message(true, <heartbeat_prefix>, <time>)`) is written on an
+//! interval through a second connection. It arrives as a transaction of its own, so on a quiet
+//! outbox the checkpoint, and with it the slot, still advance (otherwise the slot would retain
+//! all WAL written by other tables); its round trip is measured.
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::RelayKind;
+use crate::health::Health;
+use crate::metrics::{Component, EventKind, IgnoredChange, Metrics, TxnOutcome};
+use crate::outbox::{self, ColumnSet, Event, MessageEvent, OutRecord, Source, TopicRouter};
+use crate::replication::assembler::{Assembler, AssemblerConfig, AssemblerError, Change, TxnEvent};
+use crate::replication::conn::{
+    ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage, SnapshotAction,
+    StartOptions,
+};
+use crate::replication::pgoutput::{Column, Relation};
+use crate::replication::Lsn;
+use crate::shutdown::Shutdown;
+use crate::sink::kafka::{KafkaBackend, KafkaSettings};
+use crate::sink::{Committed, Sink, SinkError};
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+/// When a batch closes.
+#[derive(Clone, Debug)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_delay: Duration,
+}
+
+/// Everything the CDC relay needs, already validated (see `config`).
+#[derive(Clone, Debug)]
+pub struct CdcSettings {
+    pub postgres: ReplicationConfig,
+    pub slot: String,
+    pub publication: String,
+    pub create_slot: bool,
+    /// Schema and name of the outbox table.
+    pub table_schema: String,
+    pub table_name: String,
+    pub columns: ColumnSet,
+    pub topic_template: String,
+    /// Transactional logical messages with this prefix are events.
+    pub message_prefix: String,
+    pub heartbeat_prefix: String,
+    /// `None` disables the heartbeat.
+    pub heartbeat_interval: Option<Duration>,
+    pub status_interval: Duration,
+    pub proto_version: u32,
+    pub batch: BatchLimits,
+    pub kafka: KafkaSettings,
+    /// Topic for rows and messages that cannot be mapped to an event (nothing is dropped).
+    pub dlq_topic: String,
+    pub shutdown_timeout: Duration,
+    pub assembler: AssemblerConfig,
+}
+
+/// What went wrong, named after the situation.
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Stream(#[from] AssemblerError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("wal_level is {0:?}; logical decoding needs wal_level = logical (set it in postgresql.conf and restart Postgres)")]
+    WalLevel(String),
+    #[error("replication slot {slot:?} uses the output plugin {plugin:?}; this relay needs pgoutput. Drop the slot or configure another cdc.slot")]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("replication slot {slot:?} belongs to database {database:?}, not to {expected:?}")]
+    SlotDatabase {
+        slot: String,
+        database: String,
+        expected: String,
+    },
+    #[error("replication slot {slot:?} is in use by process {pid}; another relay is reading it (only one reader per slot). Retrying")]
+    SlotInUse { slot: String, pid: String },
+    #[error("replication slot {0:?} does not exist and cdc.create_slot is false; create it or set cdc.create_slot = true")]
+    SlotMissing(String),
+    #[error("replication slot {0:?} was invalidated (wal_status = lost): Postgres removed WAL it still needed, because the slot fell behind by more than max_slot_wal_keep_size. See RUNBOOK.md, 'Lost slot'")]
+    SlotLost(String),
+    #[error("publication {publication:?} does not publish {table}; run: ALTER PUBLICATION {publication} ADD TABLE {table}")]
+    PublicationMissingTable { publication: String, table: String },
+    #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
+    SystemMismatch { checkpoint: u64, server: u64 },
+    #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
+    OutboxColumn {
+        table: String,
+        column: String,
+        naming: ColumnSet,
+    },
+    #[error("replication stream ended by the server")]
+    StreamEnded,
+    #[error("Postgres answered a query in an unexpected shape: {0}")]
+    Unexpected(String),
+}
+
+/// What to do about an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Reconnect with backoff and resume from the last committed checkpoint.
+    Retry,
+    /// The operator must act; exit non-zero.
+    Fatal,
+}
+
+impl CdcError {
+    /// One `match` deciding retry or fatal. The retryable list is deliberately short: unknown
+    /// errors are not retried blindly.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            CdcError::Replication(e) if e.is_transient() => Disposition::Retry,
+            CdcError::Sink(e) if e.is_transient() => Disposition::Retry,
+            CdcError::SlotInUse { .. } | CdcError::StreamEnded => Disposition::Retry,
+            _ => Disposition::Fatal,
+        }
+    }
+
+    fn component(&self) -> Component {
+        match self {
+            CdcError::Sink(_) => Component::Kafka,
+            _ => Component::Postgres,
+        }
+    }
+}
+
+/// Runs the CDC relay until shutdown (Ok) or a fatal error (Err). Transient errors reconnect
+/// with exponential backoff and resume from the last committed checkpoint.
+pub async fn run(
+    settings: CdcSettings,
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+) -> Result<(), CdcError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let mut session = Session::new(&settings, &metrics, &health, &shutdown);
+        let result = session.run().await;
+        health.set_ready(false);
+        metrics.set_up_and_ready(true, false);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.disposition() == Disposition::Retry => {
+                metrics.reconnects(e.component()).inc();
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "cdc session ended; reconnecting");
+                tokio::select! {
+                    _ = shutdown.triggered() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cdc relay stopped: operator action needed");
+                health.set_healthy(false);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A WAL transaction being received.
+struct WalTxn {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts_us: i64,
+    /// Already in Kafka (commit LSN below the checkpoint): drop its changes.
+    skip: bool,
+}
+
+/// The contents of the open (not yet committed) Kafka transaction.
+#[derive(Default)]
+struct Batch {
+    events: usize,
+    bytes: usize,
+    /// Commit times (µs since the Unix epoch) of the WAL transactions with events in it.
+    commit_times: Vec<i64>,
+    /// The first complete WAL transaction's arrival: the batch's deadline counts from here.
+    opened: Option<Instant>,
+    /// Commit and end LSN of the last complete WAL transaction.
+    last: Option<(Lsn, Lsn)>,
+    /// Heartbeats received in it: when each was emitted (µs since the Unix epoch).
+    heartbeats: Vec<i64>,
+}
+
+struct Inflight {
+    reply: oneshot::Receiver<Result<Committed, SinkError>>,
+    batch: Batch,
+}
+
+/// Column positions of the outbox table in the current relation schema.
+struct OutboxLayout {
+    relation: Arc<Relation>,
+    event_id: usize,
+    aggregate_type: usize,
+    aggregate_id: usize,
+    event_type: usize,
+    payload: usize,
+    headers: Option<usize>,
+}
+
+/// Records handed to the sink thread at a time.
+const CHUNK: usize = 256;
+
+struct Session<'a> {
+    s: &'a CdcSettings,
+    metrics: &'a Metrics,
+    health: &'a Health,
+    shutdown: &'a Shutdown,
+    system_id: u64,
+    timeline: u32,
+    /// The last checkpoint committed to Kafka (and so confirmed, or about to be, to Postgres).
+    committed: Checkpoint,
+    /// Transactions with a commit LSN below this are already in Kafka.
+    resume_floor: Lsn,
+    router: TopicRouter,
+    current: Option<WalTxn>,
+    batch: Batch,
+    pending: Vec<OutRecord>,
+    inflight: Option<Inflight>,
+    layout: Option<OutboxLayout>,
+    dlq_topic: Arc<str>,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        s: &'a CdcSettings,
+        metrics: &'a Metrics,
+        health: &'a Health,
+        shutdown: &'a Shutdown,
+    ) -> Self {
+        Session {
+            s,
+            metrics,
+            health,
+            shutdown,
+            system_id: 0,
+            timeline: 0,
+            committed: Checkpoint::default(),
+            resume_floor: Lsn::INVALID,
+            router: TopicRouter::new(&s.topic_template),
+            current: None,
+            batch: Batch::default(),
+            pending: Vec::with_capacity(CHUNK),
+            inflight: None,
+            layout: None,
+            dlq_topic: s.dlq_topic.as_str().into(),
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("{}.{}", self.s.table_schema, self.s.table_name)
+    }
+
+    async fn run(&mut self) -> Result<(), CdcError> {
+        let s = self.s;
+        // The SQL side: checks, slot inspection, heartbeats. A replication=database connection
+        // also runs plain SQL, so one client (and one TLS implementation) serves both sides.
+        let mut sql = ReplicationClient::connect(&s.postgres).await?;
+        let ident = sql.identify_system().await?;
+        self.system_id = ident.system_id;
+        self.timeline = ident.timeline;
+        let slot_confirmed = self.preflight(&mut sql).await?;
+
+        let key = checkpoint::cdc_key(&s.slot);
+        let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
+        backend = backend.with_queue_full_counter(self.metrics.kafka_queue_full(RelayKind::Cdc));
+        let (sink, checkpoint) = Sink::start(backend, key.clone()).await?;
+        let result = self
+            .stream(&mut sql, &sink, checkpoint, slot_confirmed, key)
+            .await;
+        if result.is_err() {
+            // The open Kafka transaction (if any) dies with the producer; nothing was confirmed
+            // past the last committed checkpoint.
+            self.metrics
+                .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                .inc_by(u64::from(self.batch.events > 0 || self.inflight.is_some()));
+        }
+        sink.close().await;
+        sql.close().await;
+        result
+    }
+
+    /// Checks the server and the slot; creates the publication and the slot where missing.
+    /// Returns the slot's confirmed flush LSN.
+    async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Lsn, CdcError> {
+        let s = self.s;
+        let wal_level = one_value(sql, "SHOW wal_level").await?;
+        if wal_level != "logical" {
+            return Err(CdcError::WalLevel(wal_level));
+        }
+        let keep = one_value(sql, "SHOW max_slot_wal_keep_size").await?;
+        if keep == "-1" {
+            tracing::warn!(
+                "max_slot_wal_keep_size is unlimited: a stalled slot can fill the primary's disk. \
+                 Set it (e.g. 1GB; see RUNBOOK.md) to cap the WAL a slot may retain"
+            );
+        }
+        let table = self.table();
+        let rows = sql
+            .simple_query(&format!(
+                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
+                quote_literal(&s.publication)
+            ))
+            .await?;
+        let exists = first_cell(&rows).is_some_and(|v| v != "0");
+        if !exists {
+            tracing::info!(publication = %s.publication, table = %table, "creating publication");
+            sql.simple_query(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}.{}",
+                quote_ident(&s.publication),
+                quote_ident(&s.table_schema),
+                quote_ident(&s.table_name)
+            ))
+            .await?;
+        }
+        let rows = sql
+            .simple_query(&format!(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = {} \
+                 AND schemaname = {} AND tablename = {}",
+                quote_literal(&s.publication),
+                quote_literal(&s.table_schema),
+                quote_literal(&s.table_name)
+            ))
+            .await?;
+        if first_cell(&rows).is_none_or(|v| v == "0") {
+            return Err(CdcError::PublicationMissingTable {
+                publication: s.publication.clone(),
+                table,
+            });
+        }
+        let rows = sql
+            .simple_query(&format!(
+                "SELECT plugin, database, active_pid, confirmed_flush_lsn, wal_status, \
+                 current_database() FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(&s.slot)
+            ))
+            .await?;
+        let Some(row) = rows.first() else {
+            if !s.create_slot {
+                return Err(CdcError::SlotMissing(s.slot.clone()));
+            }
+            let created = sql
+                .create_logical_slot(&s.slot, "pgoutput", false, SnapshotAction::NoExport)
+                .await?;
+            tracing::info!(slot = %s.slot, lsn = %created.consistent_point, "created replication slot");
+            return Ok(created.consistent_point);
+        };
+        let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let (plugin, database, active_pid, confirmed, wal_status, current_db) =
+            (cell(0), cell(1), cell(2), cell(3), cell(4), cell(5));
+        if plugin != "pgoutput" {
+            return Err(CdcError::SlotPlugin {
+                slot: s.slot.clone(),
+                plugin,
+            });
+        }
+        if database != current_db {
+            return Err(CdcError::SlotDatabase {
+                slot: s.slot.clone(),
+                database,
+                expected: current_db,
+            });
+        }
+        if wal_status == "lost" {
+            return Err(CdcError::SlotLost(s.slot.clone()));
+        }
+        if !active_pid.is_empty() {
+            return Err(CdcError::SlotInUse {
+                slot: s.slot.clone(),
+                pid: active_pid,
+            });
+        }
+        confirmed
+            .parse::<Lsn>()
+            .map_err(|e| CdcError::Unexpected(format!("confirmed_flush_lsn: {e}")))
+    }
+
+    async fn stream(
+        &mut self,
+        sql: &mut ReplicationClient,
+        sink: &Sink,
+        checkpoint: Option<Checkpoint>,
+        slot_confirmed: Lsn,
+        key: String,
+    ) -> Result<(), CdcError> {
+        let s = self.s;
+        let resume = match checkpoint {
+            Some(cp) => {
+                if cp.system_id != self.system_id {
+                    return Err(CdcError::SystemMismatch {
+                        checkpoint: cp.system_id,
+                        server: self.system_id,
+                    });
+                }
+                if cp.end_lsn() < slot_confirmed {
+                    tracing::warn!(
+                        checkpoint = %cp.end_lsn(), slot = %slot_confirmed,
+                        "the slot is confirmed past the relay's checkpoint: transactions between them \
+                         were confirmed by another reader of this slot and are not re-read"
+                    );
+                }
+                self.resume_floor = cp.end_lsn();
+                self.committed = cp;
+                self.resume_floor.max(slot_confirmed)
+            }
+            None => {
+                self.committed = Checkpoint {
+                    relay: key,
+                    system_id: self.system_id,
+                    timeline: self.timeline,
+                    ..Checkpoint::default()
+                };
+                slot_confirmed
+            }
+        };
+        // Never report a position below what the slot already has.
+        let mut confirmed = resume;
+        self.metrics.set_confirmed_lsn(confirmed.0);
+        let mut assembler = Assembler::new(s.proto_version, s.assembler.clone())?;
+        let repl = ReplicationClient::connect(&s.postgres).await?;
+        let opts = StartOptions {
+            proto_version: s.proto_version,
+            publication_names: vec![s.publication.clone()],
+            messages: true,
+            streaming: s.proto_version >= 2,
+            binary: false,
+        };
+        let mut stream = repl.start_replication(&s.slot, resume, opts).await?;
+        tracing::info!(slot = %s.slot, lsn = %resume, "streaming");
+        self.health.set_ready(true);
+        self.health.set_healthy(true);
+        self.metrics.set_up_and_ready(true, true);
+
+        let mut status_tick = tokio::time::interval(s.status_interval);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeat_every = s.heartbeat_interval.unwrap_or(Duration::from_secs(3600));
+        let mut heartbeat_tick = tokio::time::interval(heartbeat_every);
+        heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let shutdown = self.shutdown;
+        loop {
+            let deadline = self.batch_deadline();
+            tokio::select! {
+                biased;
+                // 1. Shutdown first: stop reading, drain below.
+                _ = shutdown.triggered() => break,
+                // 2. The result of the commit in flight: confirm it to Postgres.
+                res = wait_inflight(&mut self.inflight) => {
+                    let lsn = self.on_committed(res)?;
+                    if lsn > confirmed {
+                        confirmed = lsn;
+                        stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                        self.metrics.set_confirmed_lsn(confirmed.0);
+                    }
+                    if self.batch_due(Instant::now()) {
+                        self.close_batch(sink).await?;
+                    }
+                }
+                // 3. The batch's deadline.
+                _ = sleep_until_opt(deadline) => {
+                    self.close_batch(sink).await?;
+                }
+                // 4. The next message from the walsender (cancellation safe).
+                msg = stream.next() => {
+                    match msg? {
+                        None => return Err(CdcError::StreamEnded),
+                        Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                            assembler.feed(wal_start, data)?;
+                            while let Some(ev) = assembler.next_event()? {
+                                self.on_event(ev, sink).await?;
+                            }
+                        }
+                        Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
+                            if reply_requested {
+                                stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                            }
+                        }
+                    }
+                }
+                // 5. Periodic status, so the walsender does not time us out.
+                _ = status_tick.tick() => {
+                    stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                }
+                // 6. Heartbeat.
+                _ = heartbeat_tick.tick(), if s.heartbeat_interval.is_some() => {
+                    let now = unix_micros(SystemTime::now());
+                    sql.simple_query(&format!(
+                        "SELECT pg_logical_emit_message(true, {}, '{now}')",
+                        quote_literal(&s.heartbeat_prefix)
+                    ))
+                    .await?;
+                }
+            }
+        }
+
+        // Draining: commit what is complete, abort a partly received WAL transaction, confirm
+        // what Kafka has, and end the copy, all within the shutdown timeout.
+        let drain = async {
+            if self.current.is_some() {
+                // The partial transaction's records (and any complete ones queued with them in
+                // the open Kafka transaction) are aborted; they are re-read after restart.
+                if self.inflight.is_some() {
+                    let res = wait_inflight(&mut self.inflight).await;
+                    confirmed = confirmed.max(self.on_committed(res)?);
+                }
+                self.pending.clear();
+                sink.abort().await?;
+                self.metrics
+                    .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                    .inc();
+                self.batch = Batch::default();
+            } else {
+                if self.inflight.is_some() {
+                    let res = wait_inflight(&mut self.inflight).await;
+                    confirmed = confirmed.max(self.on_committed(res)?);
+                }
+                if self.batch.last.is_some() {
+                    self.close_batch(sink).await?;
+                    let res = wait_inflight(&mut self.inflight).await;
+                    confirmed = confirmed.max(self.on_committed(res)?);
+                }
+            }
+            stream
+                .send_status_update(confirmed, confirmed, confirmed, false)
+                .await?;
+            self.metrics.set_confirmed_lsn(confirmed.0);
+            stream.finish().await?;
+            Ok::<(), CdcError>(())
+        };
+        match tokio::time::timeout(s.shutdown_timeout, drain).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!(
+                timeout_ms = s.shutdown_timeout.as_millis() as u64,
+                "shutdown timed out; the open Kafka transaction is abandoned (it aborts) and is re-read after restart"
+            ),
+        }
+        tracing::info!(lsn = %confirmed, "cdc relay stopped cleanly");
+        Ok(())
+    }
+
+    fn batch_deadline(&self) -> Option<tokio::time::Instant> {
+        if self.inflight.is_some() || self.current.is_some() {
+            return None;
+        }
+        let opened = self.batch.opened?;
+        self.batch.last?;
+        Some(tokio::time::Instant::from_std(
+            opened + self.s.batch.max_delay,
+        ))
+    }
+
+    fn batch_due(&self, now: Instant) -> bool {
+        if self.inflight.is_some() || self.current.is_some() || self.batch.last.is_none() {
+            return false;
+        }
+        self.batch.events >= self.s.batch.max_events
+            || self.batch.bytes >= self.s.batch.max_bytes
+            || self
+                .batch
+                .opened
+                .is_some_and(|o| now >= o + self.s.batch.max_delay)
+    }
+
+    /// Sends the batch's checkpoint and asks for the commit; the result arrives in `inflight`.
+    async fn close_batch(&mut self, sink: &Sink) -> Result<(), CdcError> {
+        let Some((commit_lsn, end_lsn)) = self.batch.last else {
+            return Ok(());
+        };
+        if !self.pending.is_empty() {
+            sink.send(std::mem::take(&mut self.pending)).await?;
+        }
+        let mut cp = self.committed.clone();
+        cp.system_id = self.system_id;
+        cp.timeline = self.timeline;
+        cp.commit_lsn = commit_lsn.0;
+        cp.end_lsn = end_lsn.0;
+        cp.events_total += self.batch.events as u64;
+        cp.written_at_us = unix_micros(SystemTime::now());
+        let reply = sink.commit(cp).await?;
+        let batch = std::mem::take(&mut self.batch);
+        self.inflight = Some(Inflight { reply, batch });
+        Ok(())
+    }
+
+    /// Records a finished commit; returns the end LSN that may now be confirmed.
+    fn on_committed(
+        &mut self,
+        res: Result<(Committed, Batch), SinkError>,
+    ) -> Result<Lsn, CdcError> {
+        let (committed, batch) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics
+                    .kafka_transactions(RelayKind::Cdc, TxnOutcome::Aborted)
+                    .inc();
+                return Err(e.into());
+            }
+        };
+        let now = unix_micros(SystemTime::now());
+        self.metrics
+            .kafka_transactions(RelayKind::Cdc, TxnOutcome::Committed)
+            .inc();
+        self.metrics
+            .batch_events(RelayKind::Cdc)
+            .observe(batch.events as f64);
+        let latency = self.metrics.commit_to_kafka_seconds(RelayKind::Cdc);
+        for t in &batch.commit_times {
+            latency.observe((now - t).max(0) as f64 / 1e6);
+        }
+        for h in &batch.heartbeats {
+            self.metrics
+                .heartbeat_rtt_seconds()
+                .observe((now - h).max(0) as f64 / 1e6);
+        }
+        self.committed = committed.checkpoint;
+        tracing::debug!(
+            lsn = %self.committed.end_lsn(),
+            events = batch.events,
+            commit_ms = committed.commit_duration.as_millis() as u64,
+            "kafka transaction committed"
+        );
+        Ok(self.committed.end_lsn())
+    }
+
+    async fn on_event(&mut self, ev: TxnEvent, sink: &Sink) -> Result<(), CdcError> {
+        match ev {
+            TxnEvent::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
+                let skip = final_lsn < self.resume_floor;
+                self.current = Some(WalTxn {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts_us: commit_time.to_unix_micros(),
+                    skip,
+                });
+            }
+            TxnEvent::Change(change) => {
+                let Some(txn) = &self.current else {
+                    return Ok(());
+                };
+                if txn.skip {
+                    return Ok(());
+                }
+                let (xid, lsn, ts) = (txn.xid, txn.commit_lsn, txn.commit_ts_us);
+                if let Some(record) = self.map_change(change, xid, lsn, ts)? {
+                    self.batch.events += 1;
+                    self.batch.bytes += record.size();
+                    self.pending.push(record);
+                    if self.pending.len() >= CHUNK {
+                        sink.send(std::mem::replace(
+                            &mut self.pending,
+                            Vec::with_capacity(CHUNK),
+                        ))
+                        .await?;
+                    }
+                }
+            }
+            TxnEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
+                let Some(txn) = self.current.take() else {
+                    return Ok(());
+                };
+                if txn.skip {
+                    self.metrics.skipped_transactions().inc();
+                    return Ok(());
+                }
+                self.batch.commit_times.push(txn.commit_ts_us);
+                self.batch.last = Some((commit_lsn, end_lsn));
+                self.batch.opened.get_or_insert_with(Instant::now);
+                if self.batch_due(Instant::now()) {
+                    self.close_batch(sink).await?;
+                }
+            }
+            TxnEvent::NonTxnMessage(m) => {
+                if m.message.prefix == self.s.message_prefix {
+                    tracing::warn!(
+                        lsn = %m.wal_start,
+                        "non-transactional logical message with the outbox prefix ignored: \
+                         write events with pg_logical_emit_message(true, ...) so they commit with \
+                         their transaction and are relayed exactly once"
+                    );
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Kafka record of one change, or `None` for changes the relay does not publish.
+    fn map_change(
+        &mut self,
+        change: Change,
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_ts_us: i64,
+    ) -> Result<Option<OutRecord>, CdcError> {
+        match change {
+            Change::Insert(ins) => {
+                if !self.is_outbox(&ins.relation) {
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
+                    return Ok(None);
+                }
+                self.ensure_layout(&ins.relation)?;
+                let Some(layout) = &self.layout else {
+                    return Ok(None);
+                };
+                let source = Source::Wal {
+                    lsn: commit_lsn.0,
+                    xid,
+                };
+                match row_event(layout, &ins.new.columns, source, commit_ts_us) {
+                    Ok(event) => {
+                        self.metrics.events(RelayKind::Cdc, EventKind::Row).inc();
+                        self.metrics
+                            .event_bytes(RelayKind::Cdc)
+                            .inc_by(event.payload.len() as u64);
+                        let topic = self.router.topic(&event.aggregate_type);
+                        Ok(Some(event.into_record(topic)))
+                    }
+                    Err(why) => {
+                        tracing::warn!(lsn = %commit_lsn, xid, error = %why, "outbox row cannot be mapped; sent to the DLQ topic");
+                        let payload = ins
+                            .new
+                            .columns
+                            .get(layout.payload)
+                            .and_then(Column::bytes)
+                            .cloned();
+                        Ok(Some(self.dlq_record(
+                            why,
+                            payload.unwrap_or_default(),
+                            commit_lsn,
+                            xid,
+                        )))
+                    }
+                }
+            }
+            Change::Update(u) => {
+                let kind = if self.is_outbox(&u.relation) {
+                    IgnoredChange::Update
+                } else {
+                    IgnoredChange::OtherTable
+                };
+                self.metrics.ignored_changes(kind).inc();
+                Ok(None)
+            }
+            Change::Delete(d) => {
+                let kind = if self.is_outbox(&d.relation) {
+                    IgnoredChange::Delete
+                } else {
+                    IgnoredChange::OtherTable
+                };
+                self.metrics.ignored_changes(kind).inc();
+                Ok(None)
+            }
+            Change::Truncate(_) => {
+                self.metrics.ignored_changes(IgnoredChange::Truncate).inc();
+                Ok(None)
+            }
+            Change::Message(m) => {
+                if m.prefix == self.s.heartbeat_prefix {
+                    if let Some(sent) = std::str::from_utf8(&m.content)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok())
+                    {
+                        self.batch.heartbeats.push(sent);
+                    }
+                    return Ok(None);
+                }
+                if m.prefix != self.s.message_prefix {
+                    self.metrics
+                        .ignored_changes(IgnoredChange::OtherTable)
+                        .inc();
+                    return Ok(None);
+                }
+                match MessageEvent::parse(&m.content) {
+                    Ok(me) => {
+                        let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
+                        self.metrics
+                            .events(RelayKind::Cdc, EventKind::Message)
+                            .inc();
+                        self.metrics
+                            .event_bytes(RelayKind::Cdc)
+                            .inc_by(event.payload.len() as u64);
+                        let topic = self.router.topic(&event.aggregate_type);
+                        Ok(Some(event.into_record(topic)))
+                    }
+                    Err(why) => {
+                        tracing::warn!(lsn = %m.lsn, xid, error = %why, "logical message cannot be mapped; sent to the DLQ topic");
+                        Ok(Some(self.dlq_record(
+                            why.to_string(),
+                            m.content,
+                            commit_lsn,
+                            xid,
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_outbox(&self, r: &Relation) -> bool {
+        r.name == self.s.table_name
+            && (r.namespace == self.s.table_schema
+                || (r.namespace.is_empty() && self.s.table_schema == "pg_catalog"))
+    }
+
+    fn ensure_layout(&mut self, relation: &Arc<Relation>) -> Result<(), CdcError> {
+        if self
+            .layout
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.relation, relation))
+        {
+            return Ok(());
+        }
+        let cols = self.s.columns.names();
+        let idx = |name: &str| {
+            relation
+                .column_index(name)
+                .ok_or_else(|| CdcError::OutboxColumn {
+                    table: self.table(),
+                    column: name.to_owned(),
+                    naming: self.s.columns,
+                })
+        };
+        let layout = OutboxLayout {
+            relation: relation.clone(),
+            event_id: idx(cols.event_id)?,
+            aggregate_type: idx(cols.aggregate_type)?,
+            aggregate_id: idx(cols.aggregate_id)?,
+            event_type: idx(cols.event_type)?,
+            payload: idx(cols.payload)?,
+            headers: cols.headers.and_then(|h| relation.column_index(h)),
+        };
+        self.layout = Some(layout);
+        Ok(())
+    }
+
+    fn dlq_record(&self, error: String, value: Bytes, lsn: Lsn, xid: u32) -> OutRecord {
+        OutRecord {
+            topic: self.dlq_topic.clone(),
+            key: Bytes::new(),
+            value,
+            headers: vec![
+                ("error", Bytes::from(error)),
+                ("lsn", Bytes::from(lsn.to_string())),
+                ("xid", Bytes::from(xid.to_string())),
+                ("table", Bytes::from(self.table())),
+            ],
+            extra_headers: Vec::new(),
+        }
+    }
+}
+
+/// The event of an outbox row, or why it is not one.
+fn row_event(
+    layout: &OutboxLayout,
+    cols: &[Column],
+    source: Source,
+    commit_ts_us: i64,
+) -> Result<Event, String> {
+    let get = |i: usize, name: &str| -> Result<Bytes, String> {
+        match cols.get(i) {
+            Some(Column::Text(b)) | Some(Column::Binary(b)) => Ok(b.clone()),
+            Some(Column::Null) => Err(format!("column {name} is NULL")),
+            Some(Column::UnchangedToast) => {
+                Err(format!("column {name} was not sent (unchanged TOAST)"))
+            }
+            None => Err(format!("column {name} missing from the tuple")),
+        }
+    };
+    let text = |b: Bytes, name: &str| -> Result<String, String> {
+        String::from_utf8(b.to_vec()).map_err(|_| format!("column {name} is not UTF-8"))
+    };
+    let headers = match layout.headers.and_then(|i| cols.get(i)) {
+        Some(Column::Text(b)) => outbox::parse_headers(b).map_err(|e| e.to_string())?,
+        _ => Vec::new(),
+    };
+    Ok(Event {
+        event_id: text(get(layout.event_id, "event_id")?, "event_id")?,
+        aggregate_type: text(
+            get(layout.aggregate_type, "aggregate_type")?,
+            "aggregate_type",
+        )?,
+        aggregate_id: get(layout.aggregate_id, "aggregate_id")?,
+        event_type: text(get(layout.event_type, "event_type")?, "event_type")?,
+        payload: get(layout.payload, "payload")?,
+        headers,
+        source,
+        commit_ts_us,
+    })
+}
+
+/// Waits for the in-flight commit, if any; pending forever when there is none (for `select!`).
+/// Cancellation safe: the receiver stays in `inflight` until it has produced a value.
+async fn wait_inflight(inflight: &mut Option<Inflight>) -> Result<(Committed, Batch), SinkError> {
+    let Some(f) = inflight.as_mut() else {
+        return std::future::pending().await;
+    };
+    let res = (&mut f.reply).await;
+    let Some(f) = inflight.take() else {
+        return Err(SinkError::Stopped);
+    };
+    match res {
+        Ok(Ok(c)) => Ok((c, f.batch)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SinkError::Stopped),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn one_value(sql: &mut ReplicationClient, query: &str) -> Result<String, CdcError> {
+    let rows = sql.simple_query(query).await?;
+    first_cell(&rows).ok_or_else(|| CdcError::Unexpected(format!("{query} returned no value")))
+}
+
+fn first_cell(rows: &[Vec<Option<String>>]) -> Option<String> {
+    rows.first().and_then(|r| r.first()).cloned().flatten()
+}
+
+/// `'text'` with quotes doubled: a SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `"name"` with quotes doubled: a SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn unix_micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The configuration cannot be turned into settings (a password file that cannot be read, a
+/// URL the replication client does not accept).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("postgres.url: {0}")]
+    Url(ReplicationError),
+    #[error("postgres.password_file: cannot read {path}: {source}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CdcSettings {
+    /// Settings from a validated configuration.
+    pub fn from_config(cfg: &crate::config::RelayConfig) -> Result<CdcSettings, SettingsError> {
+        let mut postgres =
+            ReplicationConfig::from_url(cfg.postgres.url.expose()).map_err(SettingsError::Url)?;
+        if let Some(path) = &cfg.postgres.password_file {
+            let password =
+                std::fs::read_to_string(path).map_err(|source| SettingsError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            postgres.password = Some(password.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        postgres.connect_timeout = cfg.postgres.connect_timeout;
+        if postgres.application_name.is_empty() {
+            postgres.application_name = format!("outbox-relay-{}", cfg.cdc.slot);
+        }
+        let (table_schema, table_name) = match cfg.outbox.table.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), cfg.outbox.table.clone()),
+        };
+        Ok(CdcSettings {
+            postgres,
+            slot: cfg.cdc.slot.clone(),
+            publication: cfg.cdc.publication.clone(),
+            create_slot: cfg.cdc.create_slot,
+            table_schema,
+            table_name,
+            columns: cfg.outbox.columns,
+            topic_template: cfg.outbox.topic_template.clone(),
+            message_prefix: cfg.cdc.message_prefix.clone(),
+            heartbeat_prefix: cfg.cdc.heartbeat_prefix.clone(),
+            heartbeat_interval: cfg.cdc.heartbeat(),
+            status_interval: cfg.cdc.status_interval,
+            proto_version: cfg.cdc.proto_version,
+            batch: BatchLimits {
+                max_events: cfg.batch.max_events,
+                max_bytes: cfg.batch.max_bytes,
+                max_delay: cfg.batch.max_delay,
+            },
+            kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            shutdown_timeout: cfg.shutdown.timeout,
+            assembler: AssemblerConfig::default(),
+        })
+    }
+}

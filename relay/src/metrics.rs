@@ -1,0 +1,481 @@
+//! The relay's Prometheus metrics: every name in one place, every label value from a closed set.
+//!
+//! ```text
+//!  relay loop ──▶ Metrics (Clone, shares handles) ──▶ its own Registry ──▶ render() ──▶ GET /metrics
+//! ```
+//!
+//! Conventions (checked by a test over the gathered families): names start with `relay_`,
+//! counters end in `_total`, quantities carry their unit (`_seconds`, `_bytes`). Label values come
+//! from enums, never from data (no topic, aggregate or event names), so the number of series is
+//! fixed and known: every labelled series is created at start-up with value zero, which keeps
+//! `rate()` and absence alerts honest from the first scrape.
+//!
+//! Instrument per batch, not per event, on the hot path: `events(..).inc_by(n)` once per
+//! Kafka transaction.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::config::RelayKind;
+
+/// Metric names.
+pub mod names {
+    /// Events published (committed to Kafka), by relay and kind.
+    pub const EVENTS_TOTAL: &str = "relay_events_total";
+    /// Payload bytes published, by relay.
+    pub const EVENT_BYTES_TOTAL: &str = "relay_event_bytes_total";
+    /// Kafka transactions ended, by relay and outcome.
+    pub const KAFKA_TRANSACTIONS_TOTAL: &str = "relay_kafka_transactions_total";
+    /// Events per Kafka transaction.
+    pub const BATCH_EVENTS: &str = "relay_batch_events";
+    /// From the Postgres commit of the oldest event in a batch to its Kafka commit.
+    pub const COMMIT_TO_KAFKA_SECONDS: &str = "relay_commit_to_kafka_seconds";
+    /// The LSN last confirmed to Postgres (as a float: exact up to 2^53 bytes of WAL).
+    pub const CONFIRMED_LSN: &str = "relay_confirmed_lsn";
+    /// Bytes of WAL between the server's current position and the confirmed one.
+    pub const CHECKPOINT_LAG_BYTES: &str = "relay_checkpoint_lag_bytes";
+    /// Reconnections, by component.
+    pub const RECONNECTS_TOTAL: &str = "relay_reconnects_total";
+    /// From emitting a heartbeat message to seeing it in the replication stream.
+    pub const HEARTBEAT_RTT_SECONDS: &str = "relay_heartbeat_rtt_seconds";
+    /// Changes seen but not relayed, by kind.
+    pub const IGNORED_CHANGES_TOTAL: &str = "relay_ignored_changes_total";
+    /// WAL transactions dropped because the checkpoint says they were already delivered.
+    pub const SKIPPED_TRANSACTIONS_TOTAL: &str = "relay_skipped_transactions_total";
+    /// Times the producer queue was full (backpressure, not an error).
+    pub const KAFKA_QUEUE_FULL_TOTAL: &str = "relay_kafka_queue_full_total";
+    /// 1 while the relay loop reports healthy.
+    pub const UP: &str = "relay_up";
+    /// 1 while the relay is connected to Postgres and Kafka and streaming.
+    pub const READY: &str = "relay_ready";
+}
+
+/// Declares a label's closed set of values: the enum, its label strings, and `ALL` for
+/// creating every series at start-up.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $( $(#[$vmeta:meta])* $variant:ident => $label:literal ),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            const ALL: &'static [$name] = &[$( $name::$variant ),+];
+
+            fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// `kind` of [`names::EVENTS_TOTAL`].
+    EventKind {
+        /// An outbox table row (insert).
+        Row => "row",
+        /// A `pg_logical_emit_message` event.
+        Message => "message",
+    }
+}
+
+label_enum! {
+    /// `outcome` of [`names::KAFKA_TRANSACTIONS_TOTAL`].
+    TxnOutcome {
+        /// `commit_transaction` returned Ok.
+        Committed => "committed",
+        /// The transaction was aborted.
+        Aborted => "aborted",
+    }
+}
+
+label_enum! {
+    /// `component` of [`names::RECONNECTS_TOTAL`].
+    Component {
+        /// The replication or query connection.
+        Postgres => "postgres",
+        /// The producer.
+        Kafka => "kafka",
+    }
+}
+
+label_enum! {
+    /// `kind` of [`names::IGNORED_CHANGES_TOTAL`].
+    IgnoredChange {
+        /// An UPDATE of an outbox row (the outbox is insert-only).
+        Update => "update",
+        /// A DELETE (e.g. the janitor's).
+        Delete => "delete",
+        /// A TRUNCATE.
+        Truncate => "truncate",
+        /// A change to a table other than the outbox (the publication is broader than needed).
+        OtherTable => "other_table",
+    }
+}
+
+/// Why a [`Metrics`] could not be built (a name clash or bad name: a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("registering metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// The relay's metrics. Cloning shares the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    events: IntCounterVec,
+    event_bytes: IntCounterVec,
+    kafka_transactions: IntCounterVec,
+    batch_events: HistogramVec,
+    commit_to_kafka: HistogramVec,
+    confirmed_lsn: Gauge,
+    checkpoint_lag_bytes: IntGauge,
+    reconnects: IntCounterVec,
+    heartbeat_rtt: Histogram,
+    ignored_changes: IntCounterVec,
+    skipped_transactions: IntCounter,
+    kafka_queue_full: IntCounterVec,
+    up: IntGauge,
+    ready: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Latency buckets from 1ms to 30s: sub-millisecond is noise at this layer, and beyond 30s the
+/// relay is stalled and the lag alerts speak instead.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Up to the default `batch.max_events` (1000) and a little past it for large WAL transactions.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+
+impl Metrics {
+    /// Builds and registers every metric on a fresh registry, all series at zero.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let relay = &["relay"];
+        let m = Metrics {
+            events: counter_vec(
+                &registry,
+                names::EVENTS_TOTAL,
+                "Events published to Kafka (committed).",
+                &["relay", "kind"],
+            )?,
+            event_bytes: counter_vec(
+                &registry,
+                names::EVENT_BYTES_TOTAL,
+                "Payload bytes published to Kafka (committed).",
+                relay,
+            )?,
+            kafka_transactions: counter_vec(
+                &registry,
+                names::KAFKA_TRANSACTIONS_TOTAL,
+                "Kafka transactions ended, by outcome.",
+                &["relay", "outcome"],
+            )?,
+            batch_events: histogram_vec(
+                &registry,
+                names::BATCH_EVENTS,
+                "Events per Kafka transaction.",
+                BATCH_BUCKETS,
+                relay,
+            )?,
+            commit_to_kafka: histogram_vec(
+                &registry,
+                names::COMMIT_TO_KAFKA_SECONDS,
+                "Seconds from the Postgres commit of an event to the Kafka commit carrying it.",
+                LATENCY_BUCKETS,
+                relay,
+            )?,
+            confirmed_lsn: register(
+                &registry,
+                Gauge::new(
+                    names::CONFIRMED_LSN,
+                    "LSN last confirmed to Postgres (flush position), as a number.",
+                )?,
+            )?,
+            checkpoint_lag_bytes: register(
+                &registry,
+                IntGauge::new(
+                    names::CHECKPOINT_LAG_BYTES,
+                    "Bytes of WAL between the server's current LSN and the relay's checkpoint.",
+                )?,
+            )?,
+            reconnects: counter_vec(
+                &registry,
+                names::RECONNECTS_TOTAL,
+                "Reconnections after a transient error, by component.",
+                &["component"],
+            )?,
+            heartbeat_rtt: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        names::HEARTBEAT_RTT_SECONDS,
+                        "Seconds from emitting a heartbeat message to receiving it on the slot.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            ignored_changes: counter_vec(
+                &registry,
+                names::IGNORED_CHANGES_TOTAL,
+                "Changes received but not relayed, by kind.",
+                &["kind"],
+            )?,
+            skipped_transactions: register(
+                &registry,
+                IntCounter::new(
+                    names::SKIPPED_TRANSACTIONS_TOTAL,
+                    "WAL transactions dropped because the checkpoint shows them delivered.",
+                )?,
+            )?,
+            kafka_queue_full: counter_vec(
+                &registry,
+                names::KAFKA_QUEUE_FULL_TOTAL,
+                "Times the Kafka producer queue was full (backpressure).",
+                relay,
+            )?,
+            up: register(
+                &registry,
+                IntGauge::new(names::UP, "1 while the relay loop reports healthy.")?,
+            )?,
+            ready: register(
+                &registry,
+                IntGauge::new(
+                    names::READY,
+                    "1 while connected to Postgres and Kafka and streaming.",
+                )?,
+            )?,
+            registry,
+        };
+        m.init_series();
+        Ok(m)
+    }
+
+    /// Creates every labelled series at zero (see the module docs for why).
+    fn init_series(&self) {
+        for relay in RelayKind::ALL {
+            for &kind in EventKind::ALL {
+                self.events(relay, kind);
+            }
+            for &outcome in TxnOutcome::ALL {
+                self.kafka_transactions(relay, outcome);
+            }
+            self.event_bytes(relay);
+            self.batch_events(relay);
+            self.commit_to_kafka_seconds(relay);
+            self.kafka_queue_full(relay);
+        }
+        for &c in Component::ALL {
+            self.reconnects(c);
+        }
+        for &k in IgnoredChange::ALL {
+            self.ignored_changes(k);
+        }
+    }
+
+    /// `relay_events_total{relay, kind}`.
+    pub fn events(&self, relay: RelayKind, kind: EventKind) -> IntCounter {
+        self.events
+            .with_label_values(&[relay.as_str(), kind.as_str()])
+    }
+
+    /// `relay_event_bytes_total{relay}`.
+    pub fn event_bytes(&self, relay: RelayKind) -> IntCounter {
+        self.event_bytes.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_kafka_transactions_total{relay, outcome}`.
+    pub fn kafka_transactions(&self, relay: RelayKind, outcome: TxnOutcome) -> IntCounter {
+        self.kafka_transactions
+            .with_label_values(&[relay.as_str(), outcome.as_str()])
+    }
+
+    /// `relay_batch_events{relay}`.
+    pub fn batch_events(&self, relay: RelayKind) -> Histogram {
+        self.batch_events.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_commit_to_kafka_seconds{relay}`.
+    pub fn commit_to_kafka_seconds(&self, relay: RelayKind) -> Histogram {
+        self.commit_to_kafka.with_label_values(&[relay.as_str()])
+    }
+
+    /// Sets `relay_confirmed_lsn`. A float holds every LSN below 2^53 (8 PiB of WAL) exactly.
+    pub fn set_confirmed_lsn(&self, lsn: u64) {
+        self.confirmed_lsn.set(lsn as f64);
+    }
+
+    /// Sets `relay_checkpoint_lag_bytes`, saturating at `i64::MAX`.
+    pub fn set_checkpoint_lag_bytes(&self, bytes: u64) {
+        self.checkpoint_lag_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// `relay_reconnects_total{component}`.
+    pub fn reconnects(&self, component: Component) -> IntCounter {
+        self.reconnects.with_label_values(&[component.as_str()])
+    }
+
+    /// `relay_heartbeat_rtt_seconds`.
+    pub fn heartbeat_rtt_seconds(&self) -> &Histogram {
+        &self.heartbeat_rtt
+    }
+
+    /// `relay_ignored_changes_total{kind}`.
+    pub fn ignored_changes(&self, kind: IgnoredChange) -> IntCounter {
+        self.ignored_changes.with_label_values(&[kind.as_str()])
+    }
+
+    /// `relay_skipped_transactions_total`.
+    pub fn skipped_transactions(&self) -> &IntCounter {
+        &self.skipped_transactions
+    }
+
+    /// `relay_kafka_queue_full_total{relay}`.
+    pub fn kafka_queue_full(&self, relay: RelayKind) -> IntCounter {
+        self.kafka_queue_full.with_label_values(&[relay.as_str()])
+    }
+
+    /// Sets `relay_up` and `relay_ready`; the health server does this from the
+    /// [`Health`](crate::health::Health) flags at every scrape, so the two cannot disagree.
+    pub fn set_up_and_ready(&self, up: bool, ready: bool) {
+        self.up.set(i64::from(up));
+        self.ready.set(i64::from(ready));
+    }
+
+    /// The registry, for components that register metrics of their own (e.g. slot_watch).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only on a malformed family, which registration rules out.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    register(registry, HistogramVec::new(opts, labels)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::proto::MetricType;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new().unwrap();
+        let families = m.registry().gather();
+        assert_eq!(
+            families.len(),
+            14,
+            "every metric is gathered from the start"
+        );
+        for f in &families {
+            let name = f.name();
+            assert!(name.starts_with("relay_"), "{name}: no relay_ prefix");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}: not snake_case"
+            );
+            assert!(!f.help().is_empty(), "{name}: no help");
+            let is_counter = f.get_field_type() == MetricType::COUNTER;
+            assert_eq!(
+                is_counter,
+                name.ends_with("_total"),
+                "{name}: counters, and only counters, end in _total"
+            );
+            let base = name.trim_end_matches("_total");
+            for unit in ["seconds", "bytes"] {
+                if name.contains(unit) {
+                    assert!(
+                        base.ends_with(unit),
+                        "{name}: unit {unit} must be the suffix"
+                    );
+                }
+            }
+            for wrong in ["millis", "_ms", "_us", "kb", "mb", "_count", "_sum"] {
+                assert!(!name.contains(wrong), "{name}: use base units, no {wrong}");
+            }
+            if f.get_field_type() == MetricType::HISTOGRAM && name.contains("latency") {
+                panic!("{name}: say _seconds, not latency");
+            }
+            for metric in f.get_metric() {
+                for label in metric.get_label() {
+                    assert!(
+                        ["relay", "kind", "outcome", "component"].contains(&label.name()),
+                        "{name}: unexpected label {}",
+                        label.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn render_shows_series_and_values() {
+        let m = Metrics::new().unwrap();
+        m.events(RelayKind::Cdc, EventKind::Row).inc_by(3);
+        m.set_confirmed_lsn(0x16B_3748);
+        m.commit_to_kafka_seconds(RelayKind::Cdc).observe(0.004);
+        let clone = m.clone();
+        clone.skipped_transactions().inc();
+        let text = m.render();
+        assert!(
+            text.contains(r#"relay_events_total{kind="row",relay="cdc"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"relay_events_total{kind="message",relay="poll"} 0"#));
+        assert!(text.contains("relay_confirmed_lsn 23803720"));
+        assert!(text.contains("relay_skipped_transactions_total 1"));
+        assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="0.005"} 1"#));
+        assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="30"} 1"#));
+    }
+}

@@ -1,0 +1,393 @@
+//! The Kafka transactional producer behind the sink thread.
+//!
+//! Transactions follow rust-rdkafka's three questions on every error: `is_fatal()` (fenced or
+//! broken: exit), `txn_requires_abort()` (abort and resume from the checkpoint), `is_retriable()`
+//! (retry the same call). Anything else is treated as requiring an abort: unknown errors are not
+//! retried blindly.
+//!
+//! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
+
+use super::{Backend, SinkError};
+use crate::checkpoint::Checkpoint;
+use crate::outbox::OutRecord;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Settings of the Kafka backend.
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub transactional_id: String,
+    pub checkpoint_topic: String,
+    pub transaction_timeout: Duration,
+    /// Partitions of the event topics the relay creates (the unit of parallelism and, with the
+    /// key, of order; fixed up front because adding partitions rehashes keys).
+    pub topic_partitions: i32,
+    pub create_topics: bool,
+    /// librdkafka options passed through unchanged.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// The sink's settings for relay `kind` (the two relays share everything but the
+    /// transactional id).
+    pub fn from_config(cfg: &crate::config::RelayConfig, kind: crate::config::RelayKind) -> Self {
+        KafkaSettings {
+            bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+            transactional_id: cfg.transactional_id(kind),
+            checkpoint_topic: cfg.kafka.checkpoint_topic.clone(),
+            transaction_timeout: cfg.kafka.transaction_timeout,
+            topic_partitions: i32::try_from(cfg.outbox.topic_partitions).unwrap_or(i32::MAX),
+            create_topics: cfg.outbox.create_topics,
+            librdkafka: cfg
+                .kafka
+                .librdkafka
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// Timeout of one blocking transaction call (init, commit, abort).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct KafkaBackend {
+    settings: KafkaSettings,
+    producer: Option<ThreadedProducer<DefaultProducerContext>>,
+    admin: Option<AdminClient<DefaultClientContext>>,
+    runtime: tokio::runtime::Handle,
+    known_topics: HashSet<String>,
+    queue_full: Option<prometheus::IntCounter>,
+}
+
+impl KafkaBackend {
+    /// `runtime` serves the admin client's futures (topic creation) from the sink thread.
+    pub fn new(settings: KafkaSettings, runtime: tokio::runtime::Handle) -> KafkaBackend {
+        KafkaBackend {
+            settings,
+            producer: None,
+            admin: None,
+            runtime,
+            known_topics: HashSet::new(),
+            queue_full: None,
+        }
+    }
+
+    /// Counts waits on a full producer queue.
+    pub fn with_queue_full_counter(mut self, c: prometheus::IntCounter) -> Self {
+        self.queue_full = Some(c);
+        self
+    }
+
+    fn base_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.settings.librdkafka {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.settings.bootstrap_servers);
+        c
+    }
+
+    fn producer(&self) -> Result<&ThreadedProducer<DefaultProducerContext>, SinkError> {
+        self.producer.as_ref().ok_or(SinkError::Stopped)
+    }
+
+    fn ensure_topic(
+        &mut self,
+        topic: &str,
+        partitions: i32,
+        compact: bool,
+    ) -> Result<(), SinkError> {
+        if !self.settings.create_topics || self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let admin = match &self.admin {
+            Some(a) => a,
+            None => {
+                let a: AdminClient<DefaultClientContext> = self
+                    .base_config()
+                    .create()
+                    .map_err(|e| SinkError::Config(e.to_string()))?;
+                self.admin.insert(a)
+            }
+        };
+        // Replication factor -1: the broker's default.replication.factor.
+        let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+        if compact {
+            nt = nt.set("cleanup.policy", "compact");
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let res = self
+            .runtime
+            .block_on(admin.create_topics(&[nt], &opts))
+            .map_err(|e| SinkError::Unavailable(format!("creating topic {topic}: {e}")))?;
+        for r in res {
+            match r {
+                Ok(_) => tracing::info!(topic, partitions, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, e)) => {
+                    return Err(SinkError::Unavailable(format!("creating topic {t}: {e}")));
+                }
+            }
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
+    fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        let topic = &self.settings.checkpoint_topic;
+        let consumer: BaseConsumer<ReaderContext> = self
+            .base_config()
+            .set(
+                "group.id",
+                format!("{}-checkpoint-reader", self.settings.transactional_id),
+            )
+            .set("enable.auto.commit", "false")
+            // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create_with_context(ReaderContext)
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, CALL_TIMEOUT)
+            .map_err(|e| SinkError::Unavailable(format!("checkpoint topic {topic}: {e}")))?;
+        if high <= low {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        let deadline = Instant::now() + CALL_TIMEOUT * 2;
+        let mut latest: Option<Checkpoint> = None;
+        loop {
+            if Instant::now() > deadline {
+                return Err(SinkError::Unavailable(format!(
+                    "reading checkpoint topic {topic} did not reach its end in {:?}",
+                    CALL_TIMEOUT * 2
+                )));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
+                }
+                Some(Ok(m)) => {
+                    if m.key() != Some(key.as_bytes()) {
+                        continue;
+                    }
+                    let Some(value) = m.payload() else { continue };
+                    match Checkpoint::decode(value) {
+                        Ok(cp) => latest = Some(cp),
+                        Err(e) => {
+                            return Err(SinkError::Config(format!(
+                                "checkpoint at {topic}/0@{} is not readable ({e}); \
+                                 refusing to guess a resume point",
+                                m.offset()
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(latest)
+    }
+}
+
+/// The checkpoint reader's client context: the end of the partition is how the reader knows it
+/// is done, not an error worth an ERROR log line (librdkafka also reports it as a global error).
+struct ReaderContext;
+
+impl rdkafka::client::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "checkpoint reader: librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
+/// Maps a transaction call's error by rust-rdkafka's three questions.
+fn classify(what: &str, e: KafkaError) -> SinkError {
+    if let KafkaError::Transaction(ref te) = e {
+        return classify_txn(what, te);
+    }
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::ProducerFenced)
+        | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+        | Some(RDKafkaErrorCode::Fatal) => SinkError::Fatal(format!("{what}: {e}")),
+        Some(RDKafkaErrorCode::InvalidConfig) | Some(RDKafkaErrorCode::InvalidArgument) => {
+            SinkError::Config(format!("{what}: {e}"))
+        }
+        _ => SinkError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn classify_txn(what: &str, te: &RDKafkaError) -> SinkError {
+    if te.is_fatal() {
+        SinkError::Fatal(format!("{what}: {te}"))
+    } else if te.txn_requires_abort() {
+        SinkError::Aborted(format!("{what}: {te}"))
+    } else {
+        SinkError::Unavailable(format!("{what}: {te}"))
+    }
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(te) if te.is_retriable() && !te.is_fatal() && !te.txn_requires_abort())
+}
+
+impl Backend for KafkaBackend {
+    fn open(&mut self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        let mut config = self.base_config();
+        config
+            .set("transactional.id", &self.settings.transactional_id)
+            .set("enable.idempotence", "true")
+            .set(
+                "transaction.timeout.ms",
+                self.settings.transaction_timeout.as_millis().to_string(),
+            );
+        // Low latency by default; the passthrough map may change these.
+        if !self.settings.librdkafka.contains_key("linger.ms") {
+            config.set("linger.ms", "1");
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> = config
+            .create()
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let topic = self.settings.checkpoint_topic.clone();
+        self.ensure_topic(&topic, 1, true)?;
+        // Fences any older producer with our transactional id and aborts its open transaction,
+        // so the checkpoint read below sees a settled topic.
+        let mut attempt = 0;
+        loop {
+            match producer.init_transactions(CALL_TIMEOUT) {
+                Ok(()) => break,
+                Err(e) if is_retriable(&e) && attempt < 3 => attempt += 1,
+                Err(e) => return Err(classify("init_transactions", e)),
+            }
+        }
+        self.producer = Some(producer);
+        self.read_checkpoint(key)
+    }
+
+    fn begin(&mut self) -> Result<(), SinkError> {
+        self.producer()?
+            .begin_transaction()
+            .map_err(|e| classify("begin_transaction", e))
+    }
+
+    fn send(&mut self, r: OutRecord) -> Result<(), SinkError> {
+        if !self.known_topics.contains(&*r.topic) {
+            let partitions = self.settings.topic_partitions;
+            self.ensure_topic(&r.topic, partitions, false)?;
+        }
+        let producer = self.producer()?;
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + r.extra_headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(&v[..]),
+            });
+        }
+        for (k, v) in &r.extra_headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(&v[..]),
+            });
+        }
+        let mut record = BaseRecord::to(&r.topic)
+            .key(&r.key[..])
+            .payload(&r.value[..])
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: the producer's own thread delivers meanwhile.
+                    if let Some(c) = &self.queue_full {
+                        c.inc();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    record = back;
+                }
+                Err((e, _)) => return Err(classify("produce", e)),
+            }
+        }
+    }
+
+    fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SinkError> {
+        let value = checkpoint.encode();
+        let key = checkpoint.relay.clone();
+        let topic = self.settings.checkpoint_topic.clone();
+        let producer = self.producer()?;
+        // A transaction with events is already open; a checkpoint-only one (heartbeat) is not.
+        match producer.begin_transaction() {
+            Ok(()) => {}
+            Err(KafkaError::Transaction(te)) if te.code() == RDKafkaErrorCode::State => {}
+            Err(e) => return Err(classify("begin_transaction", e)),
+        }
+        let record = BaseRecord::to(&topic)
+            .partition(0)
+            .key(&key)
+            .payload(&value);
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    let err = classify("produce checkpoint", e);
+                    let _ = producer.abort_transaction(CALL_TIMEOUT);
+                    return Err(err);
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match producer.commit_transaction(CALL_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_retriable(&e) && attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "commit_transaction retriable error; retrying");
+                }
+                Err(e) => {
+                    let err = classify("commit_transaction", e);
+                    if !matches!(err, SinkError::Fatal(_)) {
+                        // Abortable (or unknown): abort so the transactional id is usable again
+                        // by the producer that replaces this one.
+                        let _ = producer.abort_transaction(CALL_TIMEOUT);
+                        return Err(match err {
+                            SinkError::Unavailable(m) => SinkError::Aborted(m),
+                            other => other,
+                        });
+                    }
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    fn abort(&mut self) -> Result<(), SinkError> {
+        self.producer()?
+            .abort_transaction(CALL_TIMEOUT)
+            .map_err(|e| classify("abort_transaction", e))
+    }
+}

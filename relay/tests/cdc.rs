@@ -1,0 +1,519 @@
+//! `relay cdc` against the real Postgres and Kafka: exactly once under SIGKILL, Postgres restarts
+//! and broker restarts, counted; graceful shutdown; zombie fencing.
+
+use crate::support::kafka::{self, Isolation};
+use crate::support::outbox_load::{self, LoadState, Tally, AGGREGATE_TYPES};
+use crate::support::pg::TestDb;
+use crate::support::process::{free_port, KafkaBroker, PgCluster, RelayEnv, RelayProc};
+use crate::support::unique_name;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+/// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
+struct Harness {
+    db_url: String,
+    bootstrap: String,
+    slot: String,
+    prefix: String,
+    checkpoint_topic: String,
+    txn_id: String,
+}
+
+impl Harness {
+    fn new(db_url: String, bootstrap: String) -> Harness {
+        Harness {
+            db_url,
+            bootstrap,
+            slot: unique_name("slot"),
+            prefix: unique_name("ev"),
+            checkpoint_topic: unique_name("cp"),
+            txn_id: unique_name("txn"),
+        }
+    }
+
+    fn env(&self) -> RelayEnv {
+        let mut e = RelayEnv::default();
+        e.set("RELAY_POSTGRES__URL", &self.db_url)
+            .set("RELAY_KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap)
+            .set("RELAY_KAFKA__CHECKPOINT_TOPIC", &self.checkpoint_topic)
+            .set("RELAY_KAFKA__TRANSACTIONAL_ID", &self.txn_id)
+            .set("RELAY_CDC__SLOT", &self.slot)
+            .set("RELAY_CDC__HEARTBEAT_INTERVAL", "1s")
+            .set("RELAY_CDC__STATUS_INTERVAL", "1s")
+            .set(
+                "RELAY_OUTBOX__TOPIC_TEMPLATE",
+                format!("{}.{{aggregate_type}}", self.prefix),
+            )
+            .set("RELAY_OUTBOX__TOPIC_PARTITIONS", "3")
+            .set("RELAY_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .set("RELAY_SHUTDOWN__TIMEOUT", "10s");
+        e
+    }
+
+    fn spawn(&self) -> RelayProc {
+        RelayProc::spawn(&["cdc"], &self.env())
+    }
+
+    /// The relay's /metrics text (its http.listen is in `env`).
+    async fn metrics(env: &RelayEnv) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = env
+            .vars
+            .iter()
+            .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
+            .map(|(_, v)| v.clone())
+            .expect("http.listen set");
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    fn topics(&self) -> Vec<String> {
+        AGGREGATE_TYPES
+            .iter()
+            .map(|t| format!("{}.{t}", self.prefix))
+            .collect()
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.db_url, NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        c
+    }
+
+    async fn create_slot(&self) {
+        self.client()
+            .await
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&self.slot],
+            )
+            .await
+            .expect("create slot");
+    }
+
+    /// Waits until the slot is confirmed past everything written so far (heartbeats move it
+    /// on once the outbox is quiet), so every committed event is in Kafka.
+    async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut target: Option<String> = None;
+        loop {
+            if let Some(st) = relay.try_status() {
+                panic!(
+                    "relay exited ({st}) before catching up:\n{}",
+                    relay.log_text()
+                );
+            }
+            let Ok(c) = tokio::time::timeout(Duration::from_secs(5), self.client()).await else {
+                continue;
+            };
+            if target.is_none() {
+                target = Some(
+                    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+                        .await
+                        .unwrap()
+                        .get(0),
+                );
+            }
+            let t = target.clone().unwrap_or_default();
+            let done: Option<bool> = c
+                .query_opt(
+                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot, &t],
+                )
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get(0));
+            if done == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not catch up with {t} in {timeout:?}:\n{}",
+                relay.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn tally(&self, state: &LoadState) -> Tally {
+        let rolled_back = state.rolled_back.lock().unwrap().clone();
+        outbox_load::tally(&self.db_url, &self.bootstrap, &self.topics(), &rolled_back).await
+    }
+}
+
+fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
+    let state = LoadState::default();
+    let handles = (0..n)
+        .map(|w| {
+            tokio::spawn(outbox_load::writer(
+                url.to_owned(),
+                w,
+                state.clone(),
+                Duration::from_millis(3),
+            ))
+        })
+        .collect();
+    (state, handles)
+}
+
+async fn stop_writers(state: &LoadState, handles: Vec<tokio::task::JoinHandle<()>>) {
+    state.stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn assert_exactly_once(t: &Tally, what: &str) {
+    eprintln!("{what}: {t:?}");
+    assert!(
+        t.expected > 100,
+        "{what}: the writers committed too little to prove anything: {t:?}"
+    );
+    assert_eq!(t.lost, 0, "{what}: events lost: {t:?}");
+    assert_eq!(t.duplicates, 0, "{what}: events duplicated: {t:?}");
+    assert_eq!(
+        t.out_of_order, 0,
+        "{what}: events out of per-key order: {t:?}"
+    );
+    assert_eq!(
+        t.rolled_back_delivered, 0,
+        "{what}: rolled-back events delivered: {t:?}"
+    );
+    assert_eq!(t.delivered, t.expected, "{what}: {t:?}");
+}
+
+/// While writers commit, the relay is SIGKILLed at random moments 20 times and restarted; a
+/// read_committed reader then finds every committed event exactly once, in per-key order, and
+/// none that rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_sigkills() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let (state, writers) = start_writers(&db.url(), 2);
+    for i in 0..20 {
+        let mut relay = h.spawn();
+        let ms = 400 + rand::random::<u64>() % 2000;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(st) = relay.try_status() {
+            panic!(
+                "relay run {i} exited by itself ({st}):\n{}",
+                relay.log_text()
+            );
+        }
+        relay.kill9();
+    }
+    stop_writers(&state, writers).await;
+    let mut relay = h.spawn();
+    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
+    let st = relay
+        .terminate(Duration::from_secs(20))
+        .expect("relay exits on SIGTERM");
+    assert!(st.success(), "graceful exit: {st}");
+    let t = h.tally(&state).await;
+    assert_exactly_once(&t, "20 SIGKILLs");
+}
+
+/// SIGTERM finishes cleanly: exit 0, nothing lost, and the slot's confirmed LSN equals the end
+/// LSN of the last checkpoint committed to Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_confirms_the_last_checkpoint() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let mut relay = h.spawn();
+    let (state, writers) = start_writers(&db.url(), 2);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Stop in the middle of the load: whatever is open is committed or aborted, never half.
+    let st = relay
+        .terminate(Duration::from_secs(20))
+        .expect("relay exits within the timeout");
+    assert!(st.success(), "exit status {st}:\n{}", relay.log_text());
+    stop_writers(&state, writers).await;
+
+    let checkpoints = kafka::read_all(&h.checkpoint_topic, Isolation::ReadCommitted).await;
+    let last = checkpoints
+        .last()
+        .expect("at least one checkpoint committed");
+    let cp: serde_json::Value = serde_json::from_slice(last.value.as_deref().unwrap()).unwrap();
+    let end_lsn = cp["end_lsn"].as_u64().expect("end_lsn");
+    let confirmed: String = h
+        .client()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&h.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed: relay::replication::Lsn = confirmed.parse().unwrap();
+    assert_eq!(
+        confirmed.0, end_lsn,
+        "slot confirmed = last committed checkpoint"
+    );
+
+    // Everything committed after the stop is delivered by the next run, exactly once.
+    let mut relay = h.spawn();
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    assert_exactly_once(&h.tally(&state).await, "graceful shutdown");
+}
+
+/// Postgres restarts twice under the relay (fast, then immediate: a crash); nothing is lost or
+/// duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_postgres_restarts() {
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let url = pg.url("postgres");
+    relay::migrate::run(&url).await.expect("migrate");
+    let h = Harness::new(url.clone(), kafka::bootstrap());
+    h.create_slot().await;
+    let mut relay = h.spawn();
+    let (state, writers) = start_writers(&url, 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart("fast");
+        pg
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart("immediate");
+        pg
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_writers(&state, writers).await;
+    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    assert_exactly_once(&h.tally(&state).await, "Postgres restarts");
+    drop(pg);
+}
+
+/// The Kafka broker restarts under the relay; nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_a_broker_restart() {
+    let mut broker = tokio::task::spawn_blocking(KafkaBroker::start)
+        .await
+        .unwrap();
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), broker.bootstrap());
+    h.create_slot().await;
+    let mut relay = h.spawn();
+    let (state, writers) = start_writers(&db.url(), 2);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    broker = tokio::task::spawn_blocking(move || {
+        broker.restart();
+        broker
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_writers(&state, writers).await;
+    h.wait_caught_up(&mut relay, Duration::from_secs(180)).await;
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    assert_exactly_once(&h.tally(&state).await, "broker restart");
+    drop(broker);
+}
+
+/// The value of a sample line `name{labels} value` in a metrics text, if present.
+fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Debezium's column names, transactional logical messages as events, updates and deletes of
+/// outbox rows ignored and counted, and a poison message sent to the DLQ topic (not dropped, not
+/// blocking the rows after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debezium_columns_messages_ignored_changes_and_poison() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    let c = h.client().await;
+    c.batch_execute(
+        "CREATE TABLE dbz_outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL); \
+         CREATE PUBLICATION dbz_pub FOR TABLE dbz_outbox;",
+    )
+    .await
+    .unwrap();
+    h.create_slot().await;
+    let dlq = unique_name("dlq");
+    let mut env = h.env();
+    env.set("RELAY_OUTBOX__TABLE", "public.dbz_outbox")
+        .set("RELAY_OUTBOX__COLUMNS", "debezium")
+        .set("RELAY_CDC__PUBLICATION", "dbz_pub")
+        .set("RELAY_KAFKA__DLQ_TOPIC", &dlq);
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        c.execute(
+            "INSERT INTO dbz_outbox VALUES ($1, 'order', $2, 'OrderPlaced', $3)",
+            &[id, &format!("o-{i}"), &serde_json::json!({"seq": i + 1})],
+        )
+        .await
+        .unwrap();
+    }
+    c.execute(
+        "UPDATE dbz_outbox SET type = 'Changed' WHERE id = $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    c.execute("DELETE FROM dbz_outbox WHERE id = $1", &[&ids[1]])
+        .await
+        .unwrap();
+    // A poison message first, then a good one in a later transaction: the good one still arrives.
+    c.batch_execute("SELECT pg_logical_emit_message(true, 'outbox', 'not json at all')")
+        .await
+        .unwrap();
+    let msg_id = uuid::Uuid::new_v4();
+    c.execute(
+        "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
+        &[&serde_json::json!({"event_id": msg_id, "aggregate_type": "order", "aggregate_id": "o-9",
+            "event_type": "FromWal", "payload": {"seq": 1}, "headers": {"trace": "t-1"}})
+        .to_string()],
+    )
+    .await
+    .unwrap();
+    // Not transactional: not relayed (it could be re-sent after a restart), counted as ignored.
+    c.batch_execute("SELECT pg_logical_emit_message(false, 'outbox', '{}')")
+        .await
+        .unwrap();
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+
+    let events = kafka::read_all(&format!("{}.order", h.prefix), Isolation::ReadCommitted).await;
+    let mut got: Vec<(String, String)> = events
+        .iter()
+        .map(|r| {
+            (
+                r.header("event_id").unwrap().to_owned(),
+                r.header("event_type").unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.to_string(), "OrderPlaced".to_owned()))
+        .chain([(msg_id.to_string(), "FromWal".to_owned())])
+        .collect();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "three rows (by Debezium column names) and one WAL message, once each"
+    );
+    let from_wal = events
+        .iter()
+        .find(|r| r.header("event_type") == Some("FromWal"))
+        .unwrap();
+    assert_eq!(from_wal.key_str(), "o-9");
+    assert_eq!(from_wal.value_str(), r#"{"seq":1}"#);
+    assert_eq!(from_wal.header("trace"), Some("t-1"));
+
+    let dead = kafka::read_all(&dlq, Isolation::ReadCommitted).await;
+    assert_eq!(dead.len(), 1, "the poison message is in the DLQ topic");
+    assert_eq!(dead[0].value_str(), "not json at all");
+    assert!(dead[0]
+        .header("error")
+        .is_some_and(|e| e.contains("not an outbox event")));
+
+    let m = Harness::metrics(&env).await;
+    assert_eq!(
+        sample(&m, "relay_ignored_changes_total{kind=\"update\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_ignored_changes_total{kind=\"delete\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_events_total{kind=\"row\",relay=\"cdc\"}"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_events_total{kind=\"message\",relay=\"cdc\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+}
+
+/// `relay check-config` rejects a bad configuration naming each key and its problem (exit 2),
+/// and accepts a good one (exit 0) without printing the password.
+#[test]
+fn check_config_names_the_key_and_the_problem() {
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("check-config")
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .env("RELAY_BATCH__MAX_EVENTS", "0")
+        .env("RELAY_CDC__SLOT", "Bad-Slot")
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVER", "typo")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    for key in [
+        "postgres.url",
+        "batch.max_events",
+        "cdc.slot",
+        "kafka.bootstrap_server",
+    ] {
+        assert!(err.contains(key), "the error names {key}: {err}");
+    }
+
+    let good = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("check-config")
+        .env(
+            "RELAY_POSTGRES__URL",
+            "postgres://relay:s3cret-pw@127.0.0.1:5432/app",
+        )
+        .env("RELAY_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&good.stdout),
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(good.status.success(), "{out}");
+    assert!(
+        !out.contains("s3cret-pw"),
+        "the password is never printed: {out}"
+    );
+}

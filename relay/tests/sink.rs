@@ -1,0 +1,117 @@
+//! The Kafka sink against the real broker: zombie fencing and checkpoint read-back.
+
+use crate::support::kafka::{self, Isolation};
+use crate::support::unique_name;
+use bytes::Bytes;
+use relay::checkpoint::Checkpoint;
+use relay::outbox::OutRecord;
+use relay::sink::kafka::{KafkaBackend, KafkaSettings};
+use relay::sink::{Sink, SinkError};
+use std::time::Duration;
+
+fn settings(txn_id: &str, checkpoint_topic: &str) -> KafkaSettings {
+    KafkaSettings {
+        bootstrap_servers: kafka::bootstrap(),
+        transactional_id: txn_id.to_owned(),
+        checkpoint_topic: checkpoint_topic.to_owned(),
+        transaction_timeout: Duration::from_secs(30),
+        topic_partitions: 2,
+        create_topics: true,
+        librdkafka: Default::default(),
+    }
+}
+
+fn records(topic: &str, tag: &str, n: usize) -> Vec<OutRecord> {
+    (0..n)
+        .map(|i| OutRecord {
+            topic: topic.into(),
+            key: Bytes::from(format!("k{i}")),
+            value: Bytes::from(format!("{tag}-{i}")),
+            headers: vec![("event_id", Bytes::from(format!("{tag}-{i}")))],
+            extra_headers: vec![],
+        })
+        .collect()
+}
+
+fn checkpoint(key: &str, end: u64) -> Checkpoint {
+    Checkpoint {
+        relay: key.to_owned(),
+        system_id: 1,
+        end_lsn: end,
+        commit_lsn: end - 8,
+        ..Default::default()
+    }
+}
+
+/// Two producers with one transactional id: the newer fences the older, whose commit then fails
+/// fatally; only the newer's records and checkpoint are committed, and a third instance resumes
+/// from the newer's checkpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_is_fenced_and_cannot_commit() {
+    let topic = unique_name("fence");
+    let cp_topic = unique_name("fence_cp");
+    let txn = unique_name("fence_txn");
+    let key = "cdc/fence";
+    let rt = tokio::runtime::Handle::current();
+
+    let (old, cp) = Sink::start(
+        KafkaBackend::new(settings(&txn, &cp_topic), rt.clone()),
+        key.into(),
+    )
+    .await
+    .expect("old instance opens");
+    assert!(cp.is_none(), "a new checkpoint topic has no checkpoint");
+    old.send(records(&topic, "old", 5)).await.unwrap();
+    // Let the old instance's records reach the broker inside its open transaction.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (new, cp) = Sink::start(
+        KafkaBackend::new(settings(&txn, &cp_topic), rt.clone()),
+        key.into(),
+    )
+    .await
+    .expect("new instance opens and fences the old one");
+    assert!(cp.is_none());
+
+    let old_result = old
+        .commit(checkpoint(key, 1000))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    match old_result {
+        Err(SinkError::Fatal(msg)) => eprintln!("old instance fenced: {msg}"),
+        other => panic!("the zombie's commit must fail fatally, got {other:?}"),
+    }
+    old.close().await;
+
+    new.send(records(&topic, "new", 3)).await.unwrap();
+    let committed = new
+        .commit(checkpoint(key, 2000))
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .expect("commit");
+    assert_eq!(committed.records, 3);
+    new.close().await;
+
+    let seen = kafka::read_all(&topic, Isolation::ReadCommitted).await;
+    let mut values: Vec<String> = seen.iter().map(|r| r.value_str()).collect();
+    values.sort();
+    assert_eq!(
+        values,
+        vec!["new-0", "new-1", "new-2"],
+        "only the live instance's records"
+    );
+
+    let (third, cp) = Sink::start(KafkaBackend::new(settings(&txn, &cp_topic), rt), key.into())
+        .await
+        .expect("third instance");
+    assert_eq!(
+        cp.map(|c| c.end_lsn),
+        Some(2000),
+        "resumes from the last committed checkpoint"
+    );
+    third.close().await;
+}
