@@ -1175,16 +1175,7 @@ mod tests {
         // A length field of 2 GiB - 1.
         let cfg = fake_server(vec![b'R', 0x7f, 0xff, 0xff, 0xff]).await;
         let err = ReplicationClient::connect(&cfg).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ReplicationError::Protocol {
-                    offset: Some(0),
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        frame::tests::assert_protocol_error_at(&err, 0);
 
         // A SCRAM server-first message that is not one.
         let mut answer = backend_frame(
