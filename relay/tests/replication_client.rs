@@ -72,6 +72,50 @@ async fn table_and_publication(db: &TestDb) -> (tokio_postgres::Client, String) 
     (admin, publication)
 }
 
+/// A stream from a fresh slot over a publication of table `items`, in a database of its own.
+struct Streaming {
+    stream: ReplicationStream,
+    slot: String,
+    consistent_point: Lsn,
+    /// A normal connection to the database.
+    admin: tokio_postgres::Client,
+    /// Last, so that the database outlives the connections to it.
+    db: TestDb,
+}
+
+impl Streaming {
+    async fn start() -> Streaming {
+        Self::start_after(&[]).await
+    }
+
+    /// Runs `setup` (SQL such as `SET wal_sender_timeout = ...`) on the replication connection
+    /// before streaming starts.
+    async fn start_after(setup: &[&str]) -> Streaming {
+        let db = TestDb::create_empty().await;
+        let (admin, publication) = table_and_publication(&db).await;
+        let mut client = connect(&superuser_config(&db)).await;
+        for sql in setup {
+            client.simple_query(sql).await.unwrap();
+        }
+        let slot = unique_name("slot");
+        let created = client
+            .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
+            .await
+            .unwrap();
+        let stream = client
+            .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
+            .await
+            .unwrap();
+        Streaming {
+            stream,
+            slot,
+            consistent_point: created.consistent_point,
+            admin,
+            db,
+        }
+    }
+}
+
 /// The next message within `timeout`; panics on errors, the end of the stream, or the timeout.
 async fn next_within(stream: &mut ReplicationStream, timeout: Duration) -> ReplicationMessage {
     tokio::time::timeout(timeout, stream.next())
@@ -389,18 +433,13 @@ async fn create_slot_with_exported_snapshot_then_drop() {
 
 #[tokio::test]
 async fn stream_a_transaction_confirm_it_and_finish() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    let created = client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
+    let Streaming {
+        mut stream,
+        slot,
+        consistent_point,
+        admin,
+        db,
+    } = Streaming::start().await;
 
     admin
         .execute("INSERT INTO items (body) VALUES ('hello')", &[])
@@ -439,7 +478,7 @@ async fn stream_a_transaction_confirm_it_and_finish() {
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
     );
     let confirmed: String = admin.query_one(&confirmed_sql, &[]).await.unwrap().get(0);
-    assert_eq!(confirmed.parse::<Lsn>().unwrap(), created.consistent_point);
+    assert_eq!(confirmed.parse::<Lsn>().unwrap(), consistent_point);
 
     // Confirm the transaction's end LSN and ask for an immediate reply: the server answers
     // with a keepalive, and the slot's confirmed position advances to exactly that LSN.
@@ -481,19 +520,8 @@ async fn stream_a_transaction_confirm_it_and_finish() {
 
 #[tokio::test]
 async fn next_survives_cancellation_in_select() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
-    admin
+    let mut s = Streaming::start().await;
+    s.admin
         .batch_execute(
             "INSERT INTO items (body) SELECT repeat('x', 20000) FROM generate_series(1, 50)",
         )
@@ -511,7 +539,7 @@ async fn next_survives_cancellation_in_select() {
             "the transaction in time: {tags:?}"
         );
         tokio::select! {
-            message = stream.next() => {
+            message = s.stream.next() => {
                 if let Some(ReplicationMessage::XLogData { data, .. }) = message.unwrap() {
                     if data.first() == Some(&b'I') {
                         assert!(data.len() > 20000, "an Insert arrives whole");
@@ -524,34 +552,24 @@ async fn next_survives_cancellation_in_select() {
     }
     let inserts = tags.iter().filter(|&&t| t == b'I').count();
     assert_eq!((tags[0], inserts), (b'B', 50), "{tags:?}");
-    stream.finish().await.unwrap();
+    s.stream.finish().await.unwrap();
 }
 
 #[tokio::test]
 async fn terminated_walsender_is_a_transient_stream_error() {
-    let db = TestDb::create_empty().await;
-    let (admin, publication) = table_and_publication(&db).await;
-    let mut client = connect(&superuser_config(&db)).await;
-    let slot = unique_name("slot");
-    client
-        .create_logical_slot(&slot, "pgoutput", false, SnapshotAction::NoExport)
-        .await
-        .unwrap();
-    let mut stream = client
-        .start_replication(&slot, Lsn::INVALID, StartOptions::new(vec![publication]))
-        .await
-        .unwrap();
-    let terminated: bool = admin
+    let mut s = Streaming::start().await;
+    let terminated: bool = s
+        .admin
         .query_one(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
+            &[&s.slot],
         )
         .await
         .unwrap()
         .get(0);
     assert!(terminated);
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(15), stream.next())
+        match tokio::time::timeout(Duration::from_secs(15), s.stream.next())
             .await
             .unwrap()
         {
@@ -563,6 +581,55 @@ async fn terminated_walsender_is_a_transient_stream_error() {
     // The server says why (admin_shutdown) before it closes the socket.
     assert_eq!(err.sqlstate(), Some(sqlstate::ADMIN_SHUTDOWN), "{err}");
     assert!(err.is_transient(), "{err}");
+}
+
+/// `wal_sender_timeout` can be set per connection (it is a user setting), so a short one makes
+/// the server's reply-requested keepalives, due at half the timeout, come within a second.
+#[tokio::test]
+async fn keepalives_ask_for_replies_and_unanswered_ones_end_the_stream() {
+    let mut s = Streaming::start_after(&["SET wal_sender_timeout = '2s'"]).await;
+
+    // Answered: the stream lives on through several timeouts' worth of keepalives.
+    let started = Instant::now();
+    let mut answered = 0;
+    while answered < 3 {
+        if let ReplicationMessage::Keepalive {
+            wal_end,
+            reply_requested,
+            ..
+        } = next_within(&mut s.stream, Duration::from_secs(15)).await
+        {
+            assert!(wal_end.is_valid());
+            if reply_requested {
+                // Nothing was received, so the slot's own position is all that is safe.
+                let safe = s.consistent_point;
+                s.stream
+                    .send_status_update(safe, safe, safe, false)
+                    .await
+                    .unwrap();
+                answered += 1;
+            }
+        }
+    }
+    assert!(started.elapsed() > Duration::from_secs(2));
+
+    // Unanswered: the server gives up after the timeout and closes the connection between
+    // messages (it logs the reason, it does not send it): a clean EOF, transient.
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(15), s.stream.next())
+            .await
+            .expect("the server times out the silent client")
+        {
+            Ok(Some(ReplicationMessage::Keepalive { .. })) => continue,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, ReplicationError::UnexpectedEof { mid_frame: false }),
+        "{err}"
+    );
+    assert!(err.is_transient());
 }
 
 #[tokio::test]

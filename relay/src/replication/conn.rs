@@ -4,7 +4,7 @@
 //! No released `tokio-postgres` or `sqlx` can open such a connection or speak CopyBoth, so this
 //! module speaks the protocol itself over a `TcpStream` (optionally TLS) or a `UnixStream`.
 //! `postgres_protocol` writes the frontend messages and parses the backend messages it knows;
-//! [`frame`] splits frames (checked lengths, no panics) and decodes what it does not know:
+//! `conn/frame.rs` splits frames (checked lengths, no panics) and decodes what it does not know:
 //! CopyBothResponse and the replication payloads inside CopyData. Payloads are delivered raw;
 //! decoding pgoutput is `pgoutput.rs`'s job.
 //!
@@ -126,6 +126,23 @@ impl Connection {
         }
     }
 
+    /// The next message outside CopyBoth, with notices logged and skipped. Cancellation safe
+    /// like [`Connection::read_frame`], though the callers are not.
+    async fn read_message(&mut self) -> Result<Incoming, ReplicationError> {
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'E' => return Ok(Incoming::Error(frame.into_db_error()?)),
+                b'N' => log_notice(&frame.into_db_error()?),
+                COPY_BOTH_RESPONSE_TAG => return Ok(Incoming::CopyBothResponse(frame)),
+                _ => {
+                    let offset = frame.offset;
+                    return Ok(Incoming::Message(frame.parse()?, offset));
+                }
+            }
+        }
+    }
+
     /// Writes out the send buffer. If cancelled, what was not written stays in the buffer and
     /// goes out first on the next call, so messages never interleave.
     async fn send(&mut self) -> Result<(), ReplicationError> {
@@ -145,6 +162,37 @@ impl Connection {
         let _ = self.send().await;
         let _ = self.socket.shutdown().await;
     }
+}
+
+/// A message received outside CopyBoth.
+enum Incoming {
+    Error(DbError),
+    /// Kept as a frame: `postgres_protocol` cannot parse it.
+    CopyBothResponse(Frame),
+    /// A message and its offset in the input.
+    Message(Message, u64),
+}
+
+impl Incoming {
+    /// The message, when the caller expects neither an error nor CopyBoth at this point.
+    fn into_message(self, during: &str) -> Result<(Message, u64), ReplicationError> {
+        match self {
+            Incoming::Message(message, offset) => Ok((message, offset)),
+            Incoming::Error(e) => Err(e.into()),
+            Incoming::CopyBothResponse(frame) => Err(ReplicationError::protocol(
+                format!("unexpected CopyBothResponse {during}"),
+                Some(frame.offset),
+            )),
+        }
+    }
+}
+
+/// A message that has no place at this point of the protocol.
+fn unexpected(message: &Message, during: &str, offset: u64) -> ReplicationError {
+    ReplicationError::protocol(
+        format!("unexpected {} {during}", frame::message_name(message)),
+        Some(offset),
+    )
 }
 
 /// The result of `IDENTIFY_SYSTEM`.
@@ -320,30 +368,19 @@ impl ReplicationClient {
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let frame = self.conn.read_frame().await?;
-            match frame.tag {
-                b'E' => {
-                    let e = frame.into_db_error()?;
-                    // Class 28 is "invalid authorization specification": wrong password, no
-                    // pg_hba.conf entry. Other errors (database missing, too many connections)
-                    // are not about the credentials.
-                    return Err(if e.code.starts_with("28") {
-                        ReplicationError::Auth {
-                            what: "the server rejected the login".into(),
-                            server: Some(Box::new(e)),
-                        }
-                    } else {
-                        ReplicationError::Server(Box::new(e))
-                    });
+            let (message, offset) = match self.conn.read_message().await? {
+                // Class 28 is "invalid authorization specification": wrong password, no
+                // pg_hba.conf entry. Other errors (database missing, too many connections)
+                // are not about the credentials.
+                Incoming::Error(e) if e.code.starts_with("28") => {
+                    return Err(ReplicationError::Auth {
+                        what: "the server rejected the login".into(),
+                        server: Some(Box::new(e)),
+                    })
                 }
-                b'N' => {
-                    log_notice(&frame.into_db_error()?);
-                    continue;
-                }
-                _ => {}
-            }
-            let offset = frame.offset;
-            match frame.parse()? {
+                other => other.into_message("during authentication")?,
+            };
+            match message {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?.as_bytes(), &mut self.conn.wbuf)?;
@@ -415,15 +452,7 @@ impl ReplicationClient {
                         server: None,
                     });
                 }
-                other => {
-                    return Err(ReplicationError::protocol(
-                        format!(
-                            "unexpected {} during authentication",
-                            frame::message_name(&other)
-                        ),
-                        Some(offset),
-                    ))
-                }
+                other => return Err(unexpected(&other, "during authentication", offset)),
             }
             self.conn.send().await?;
         }
@@ -432,17 +461,12 @@ impl ReplicationClient {
     /// After AuthenticationOk: ParameterStatus and BackendKeyData until ReadyForQuery.
     async fn wait_until_ready(&mut self) -> Result<(), ReplicationError> {
         loop {
-            let frame = self.conn.read_frame().await?;
-            match frame.tag {
-                b'E' => return Err(ReplicationError::Server(Box::new(frame.into_db_error()?))),
-                b'N' => {
-                    log_notice(&frame.into_db_error()?);
-                    continue;
-                }
-                _ => {}
-            }
-            let offset = frame.offset;
-            match frame.parse()? {
+            let (message, offset) = self
+                .conn
+                .read_message()
+                .await?
+                .into_message("at start-up")?;
+            match message {
                 Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
                 Message::BackendKeyData(body) => {
                     self.backend_key = Some(BackendKeyData {
@@ -451,15 +475,7 @@ impl ReplicationClient {
                     });
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
-                other => {
-                    return Err(ReplicationError::protocol(
-                        format!(
-                            "unexpected {} before ReadyForQuery",
-                            frame::message_name(&other)
-                        ),
-                        Some(offset),
-                    ))
-                }
+                other => return Err(unexpected(&other, "before ReadyForQuery", offset)),
             }
         }
     }
@@ -512,26 +528,16 @@ impl ReplicationClient {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            let frame = self.conn.read_frame().await?;
-            match frame.tag {
-                b'E' => {
-                    error = Some(frame.into_db_error()?);
+            let (message, offset) = match self.conn.read_message().await? {
+                Incoming::Error(e) => {
+                    error = Some(e);
                     continue;
                 }
-                b'N' => {
-                    log_notice(&frame.into_db_error()?);
-                    continue;
+                other => {
+                    other.into_message("in answer to a simple query (use start_replication)")?
                 }
-                COPY_BOTH_RESPONSE_TAG => {
-                    return Err(ReplicationError::protocol(
-                        "CopyBothResponse to a simple query: use start_replication",
-                        Some(frame.offset),
-                    ))
-                }
-                _ => {}
-            }
-            let offset = frame.offset;
-            match frame.parse()? {
+            };
+            match message {
                 Message::RowDescription(_)
                 | Message::CommandComplete(_)
                 | Message::EmptyQueryResponse => {}
@@ -539,19 +545,11 @@ impl ReplicationClient {
                 Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
                 Message::ReadyForQuery(_) => {
                     return match error {
-                        Some(e) => Err(ReplicationError::Server(Box::new(e))),
+                        Some(e) => Err(e.into()),
                         None => Ok(rows),
                     }
                 }
-                other => {
-                    return Err(ReplicationError::protocol(
-                        format!(
-                            "unexpected {} in answer to a simple query",
-                            frame::message_name(&other)
-                        ),
-                        Some(offset),
-                    ))
-                }
+                other => return Err(unexpected(&other, "in answer to a simple query", offset)),
             }
         }
     }
@@ -679,35 +677,22 @@ impl ReplicationClient {
         frontend::query(&sql, &mut self.conn.wbuf)?;
         self.conn.send().await?;
         loop {
-            let frame = self.conn.read_frame().await?;
-            match frame.tag {
-                COPY_BOTH_RESPONSE_TAG => {
+            let (message, offset) = match self.conn.read_message().await? {
+                Incoming::CopyBothResponse(frame) => {
                     let offset = frame.offset;
                     frame::check_copy_both_response(&frame.into_body(), offset)?;
                     tracing::debug!(slot, lsn = %start_lsn, "replication streaming started");
                     return Ok(ReplicationStream {
                         conn: self.conn,
-                        copy_done_sent: false,
                         ended: false,
+                        command_complete: false,
                     });
                 }
-                b'E' => return Err(ReplicationError::Server(Box::new(frame.into_db_error()?))),
-                b'N' => log_notice(&frame.into_db_error()?),
-                _ => {
-                    let offset = frame.offset;
-                    match frame.parse()? {
-                        Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
-                        other => {
-                            return Err(ReplicationError::protocol(
-                                format!(
-                                    "unexpected {} in answer to START_REPLICATION",
-                                    frame::message_name(&other)
-                                ),
-                                Some(offset),
-                            ))
-                        }
-                    }
-                }
+                other => other.into_message("in answer to START_REPLICATION")?,
+            };
+            match message {
+                Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
+                other => return Err(unexpected(&other, "in answer to START_REPLICATION", offset)),
             }
         }
     }
@@ -769,24 +754,27 @@ impl ReplicationClient {
 /// ```
 pub struct ReplicationStream {
     conn: Connection,
-    copy_done_sent: bool,
-    /// The server ended the copy (CommandComplete or ReadyForQuery seen): `next` returns `None`.
+    /// The server ended the copy (CopyDone or CommandComplete seen): `next` returns `None`.
     ended: bool,
+    /// The server completed START_REPLICATION; it may close the connection after that.
+    command_complete: bool,
 }
 
 impl fmt::Debug for ReplicationStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplicationStream")
             .field("bytes_received", &self.conn.reader.offset())
-            .field("copy_done_sent", &self.copy_done_sent)
             .field("ended", &self.ended)
+            .field("command_complete", &self.command_complete)
             .finish_non_exhaustive()
     }
 }
 
 impl ReplicationStream {
-    /// The next XLogData or keepalive; `Ok(None)` once the server has ended the copy (CopyDone,
-    /// then CommandComplete), for example after [`ReplicationStream::finish`]'s CopyDone.
+    /// The next XLogData or keepalive; `Ok(None)` once the server has ended the copy: with a
+    /// CopyDone (sent first only when the server stops streaming on its own) or a
+    /// CommandComplete (a walsender stopping for a server shutdown completes the command and
+    /// exits). Then call [`ReplicationStream::finish`] to complete the exchange.
     ///
     /// **Cancellation safe**: it may be used as a branch of `tokio::select!`. All partial input
     /// is kept in the stream's own buffer, the only await is `read_buf` (which either appends to
@@ -809,12 +797,17 @@ impl ReplicationStream {
             let offset = frame.offset;
             match frame::decode_stream_frame(frame)? {
                 StreamEvent::Message(message) => return Ok(Some(message)),
-                StreamEvent::Error(e) => return Err(ReplicationError::Server(Box::new(e))),
+                StreamEvent::Error(e) => return Err(e.into()),
                 StreamEvent::Notice(notice) => log_notice(&notice),
                 StreamEvent::CopyDone => {
                     tracing::debug!(offset, "the server ended the replication copy");
+                    self.ended = true;
                 }
-                StreamEvent::CommandComplete | StreamEvent::ReadyForQuery => self.ended = true,
+                StreamEvent::CommandComplete => {
+                    self.command_complete = true;
+                    self.ended = true;
+                }
+                StreamEvent::ReadyForQuery => self.ended = true,
                 StreamEvent::Ignored => {}
             }
         }
@@ -853,23 +846,30 @@ impl ReplicationStream {
     /// CopyDone, CommandComplete and ReadyForQuery, then sends Terminate. The slot becomes
     /// inactive once the server has processed this. Nothing received here is confirmed, so
     /// the caller loses nothing it has not already handled: those messages are streamed again
-    /// next time.
+    /// next time. Send a last status update first if a newer position has become durable.
     pub async fn finish(mut self) -> Result<(), ReplicationError> {
-        if !self.copy_done_sent {
-            frontend::copy_done(&mut self.conn.wbuf);
-            self.conn.send().await?;
-            self.copy_done_sent = true;
+        frontend::copy_done(&mut self.conn.wbuf);
+        let sent = self.conn.send().await;
+        // After CommandComplete the server may be gone already; then there is nothing to end.
+        if !self.command_complete {
+            sent?;
         }
         loop {
-            let frame = self.conn.read_frame().await?;
+            let frame = match self.conn.read_frame().await {
+                Ok(frame) => frame,
+                Err(ReplicationError::UnexpectedEof { mid_frame: false })
+                    if self.command_complete =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
             match frame::decode_stream_frame(frame)? {
                 StreamEvent::ReadyForQuery => break,
-                StreamEvent::Error(e) => return Err(ReplicationError::Server(Box::new(e))),
+                StreamEvent::CommandComplete => self.command_complete = true,
+                StreamEvent::Error(e) => return Err(e.into()),
                 StreamEvent::Notice(notice) => log_notice(&notice),
-                StreamEvent::Message(_)
-                | StreamEvent::CopyDone
-                | StreamEvent::CommandComplete
-                | StreamEvent::Ignored => {}
+                StreamEvent::Message(_) | StreamEvent::CopyDone | StreamEvent::Ignored => {}
             }
         }
         self.conn.terminate().await;
@@ -967,6 +967,7 @@ fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn slot_names() {
@@ -986,5 +987,241 @@ mod tests {
         assert_eq!(quote_literal("it's"), "'it''s'");
         let publications = ["p1", "we\"ird'"].map(quote_ident).join(",");
         assert_eq!(quote_literal(&publications), "'\"p1\",\"we\"\"ird''\"'");
+    }
+
+    use frame::tests::{frame as backend_frame, keepalive, xlogdata};
+    use tokio::io::DuplexStream;
+
+    /// A stream whose "server" is the other end of an in-memory pipe.
+    fn stream_over_pipe() -> (ReplicationStream, DuplexStream) {
+        let (ours, server) = tokio::io::duplex(1 << 16);
+        let stream = ReplicationStream {
+            conn: Connection::new(Box::new(ours)),
+            ended: false,
+            command_complete: false,
+        };
+        (stream, server)
+    }
+
+    #[tokio::test]
+    async fn cancelled_next_loses_no_partial_input() {
+        let (mut stream, mut server) = stream_over_pipe();
+        let bytes = xlogdata(1, 2, 3, b"Bpayload");
+        // Feed the frame a few bytes at a time; every next() in between is cancelled by its
+        // timeout after having buffered what had arrived.
+        for chunk in bytes.chunks(7) {
+            server.write_all(chunk).await.unwrap();
+            let pending = tokio::time::timeout(Duration::from_millis(5), stream.next()).await;
+            if let Ok(message) = pending {
+                // Only the last chunk completes the frame.
+                assert!(std::ptr::eq(chunk, bytes.chunks(7).last().unwrap()));
+                let message = message.unwrap().unwrap();
+                assert!(
+                    matches!(message, ReplicationMessage::XLogData { data, .. } if &data[..] == b"Bpayload")
+                );
+                return;
+            }
+        }
+        panic!("the frame was never returned");
+    }
+
+    #[tokio::test]
+    async fn eof_between_frames_and_mid_frame_are_told_apart() {
+        let (mut stream, mut server) = stream_over_pipe();
+        server.write_all(&keepalive(5, 6, true)).await.unwrap();
+        drop(server);
+        assert!(matches!(
+            stream.next().await.unwrap(),
+            Some(ReplicationMessage::Keepalive {
+                reply_requested: true,
+                ..
+            })
+        ));
+        let err = stream.next().await.unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::UnexpectedEof { mid_frame: false }),
+            "{err}"
+        );
+
+        let (mut stream, mut server) = stream_over_pipe();
+        let bytes = keepalive(5, 6, true);
+        server.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        drop(server);
+        let err = stream.next().await.unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::UnexpectedEof { mid_frame: true }),
+            "{err}"
+        );
+        assert!(err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn error_during_streaming_is_typed_and_copy_end_is_none() {
+        let (mut stream, mut server) = stream_over_pipe();
+        server
+            .write_all(&frame::tests::error_response("55006", "slot is active"))
+            .await
+            .unwrap();
+        let err = stream.next().await.unwrap_err();
+        assert_eq!(err.sqlstate(), Some("55006"));
+
+        let (mut stream, mut server) = stream_over_pipe();
+        let mut bytes = backend_frame(b'c', b"");
+        bytes.extend(backend_frame(b'C', b"COPY 0\0"));
+        server.write_all(&bytes).await.unwrap();
+        assert_eq!(stream.next().await.unwrap(), None);
+        // Fused: the end is reported again without reading.
+        assert_eq!(stream.next().await.unwrap(), None);
+    }
+
+    /// Reads exactly `n` bytes the client sent.
+    async fn client_sent(server: &mut DuplexStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        server.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn status_update_on_the_wire() {
+        let (mut stream, mut server) = stream_over_pipe();
+        stream
+            .send_status_update(Lsn(0x10), Lsn(0x20), Lsn(0x30), true)
+            .await
+            .unwrap();
+        let sent = client_sent(&mut server, 39).await;
+        assert_eq!(&sent[..6], &[b'd', 0, 0, 0, 38, b'r']);
+        assert_eq!(
+            &sent[6..30],
+            &[
+                [0u8; 7].as_slice(),
+                &[0x10],
+                &[0; 7],
+                &[0x20],
+                &[0; 7],
+                &[0x30]
+            ]
+            .concat()[..]
+        );
+        let clock = i64::from_be_bytes(sent[30..38].try_into().unwrap());
+        assert!(
+            (clock - pg_now_micros()).abs() < 10_000_000,
+            "client clock since 2000: {clock}"
+        );
+        assert_eq!(sent[38], 1);
+    }
+
+    #[tokio::test]
+    async fn finish_sends_copy_done_drains_and_terminates() {
+        let (stream, mut server) = stream_over_pipe();
+        let fake_server = tokio::spawn(async move {
+            // CopyDone from the client; data still in flight, then the end of the command.
+            assert_eq!(client_sent(&mut server, 5).await, [b'c', 0, 0, 0, 4]);
+            let mut answer = xlogdata(1, 2, 3, b"late");
+            answer.extend(backend_frame(b'c', b""));
+            answer.extend(backend_frame(b'C', b"START_STREAMING\0"));
+            answer.extend(backend_frame(b'Z', b"I"));
+            server.write_all(&answer).await.unwrap();
+            // Terminate, then the client closes.
+            assert_eq!(client_sent(&mut server, 5).await, [b'X', 0, 0, 0, 4]);
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        });
+        stream.finish().await.unwrap();
+        fake_server.await.unwrap();
+    }
+
+    /// A one-connection fake server on loopback: reads the startup message, then sends
+    /// `answer`. Returns the config to reach it.
+    async fn fake_server(answer: Vec<u8>) -> ReplicationConfig {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = ReplicationConfig::new("127.0.0.1", "u");
+        cfg.port = listener.local_addr().unwrap().port();
+        cfg.sslmode = SslMode::Disable;
+        cfg.password = Some("secret".into());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let len = socket.read_i32().await.unwrap();
+            let mut startup = vec![0; usize::try_from(len).unwrap() - 4];
+            socket.read_exact(&mut startup).await.unwrap();
+            assert!(startup.windows(9).any(|w| w == b"database\0"));
+            assert!(startup.windows(12).any(|w| w == b"replication\0"));
+            socket.write_all(&answer).await.unwrap();
+            // Keep the socket open until the client gives up.
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+        });
+        cfg
+    }
+
+    #[tokio::test]
+    async fn unsupported_auth_and_malformed_frames_are_definite_errors() {
+        // AuthenticationGSS.
+        let cfg = fake_server(backend_frame(b'R', &7i32.to_be_bytes())).await;
+        let err = ReplicationClient::connect(&cfg).await.unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::Auth { server: None, .. }),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+
+        // SASL offering only a mechanism we do not implement.
+        let mut body = 10i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0\0");
+        let cfg = fake_server(backend_frame(b'R', &body)).await;
+        let err = ReplicationClient::connect(&cfg).await.unwrap_err();
+        assert!(err.to_string().contains("SCRAM-SHA-256-PLUS"), "{err}");
+
+        // A length field of 2 GiB - 1.
+        let cfg = fake_server(vec![b'R', 0x7f, 0xff, 0xff, 0xff]).await;
+        let err = ReplicationClient::connect(&cfg).await.unwrap_err();
+        frame::tests::assert_protocol_error_at(&err, 0);
+
+        // A SCRAM server-first message that is not one.
+        let mut answer = backend_frame(
+            b'R',
+            &[&10i32.to_be_bytes()[..], b"SCRAM-SHA-256\0\0"].concat(),
+        );
+        answer.extend(backend_frame(
+            b'R',
+            &[&11i32.to_be_bytes()[..], b"garbage"].concat(),
+        ));
+        let cfg = fake_server(answer).await;
+        let err = ReplicationClient::connect(&cfg).await.unwrap_err();
+        assert!(matches!(err, ReplicationError::Auth { .. }), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connect_timeout_bounds_a_silent_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = ReplicationConfig::new("127.0.0.1", "u");
+        cfg.port = listener.local_addr().unwrap().port();
+        cfg.sslmode = SslMode::Prefer;
+        cfg.connect_timeout = Duration::from_millis(200);
+        // Accepted by the kernel's backlog, never answered.
+        let err = ReplicationClient::connect(&cfg).await.unwrap_err();
+        assert!(
+            matches!(&err, ReplicationError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(err.is_transient());
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn command_complete_then_close_ends_the_stream_and_finish_is_clean() {
+        // What a walsender does when the server shuts down: CommandComplete, then exit.
+        let (mut stream, mut server) = stream_over_pipe();
+        let mut bytes = keepalive(1, 2, false);
+        bytes.extend(backend_frame(b'C', b"START_STREAMING\0"));
+        server.write_all(&bytes).await.unwrap();
+        drop(server);
+        assert!(matches!(
+            stream.next().await.unwrap(),
+            Some(ReplicationMessage::Keepalive { .. })
+        ));
+        assert_eq!(stream.next().await.unwrap(), None);
+        stream.finish().await.unwrap();
     }
 }

@@ -430,6 +430,17 @@ pub(crate) mod tests {
         frame(b'E', &body)
     }
 
+    /// `err` is a protocol violation reported at input position `offset`.
+    #[track_caller]
+    pub(crate) fn assert_protocol_error_at(err: &ReplicationError, offset: u64) {
+        match err {
+            ReplicationError::Protocol {
+                offset: Some(at), ..
+            } if *at == offset => {}
+            other => panic!("expected a protocol error at byte {offset}, got: {other}"),
+        }
+    }
+
     /// Splits and decodes everything in `reader`: the events up to the first error, and the
     /// error's text if there was one.
     fn drain(reader: &mut FrameReader, out: &mut Vec<StreamEvent>) -> Result<(), String> {
@@ -549,16 +560,7 @@ pub(crate) mod tests {
             reader.buffer_mut().put_u8(b'd');
             reader.buffer_mut().put_i32(len);
             let err = reader.next_frame().unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    ReplicationError::Protocol {
-                        offset: Some(0),
-                        ..
-                    }
-                ),
-                "{err}"
-            );
+            assert_protocol_error_at(&err, 0);
         }
         // The largest sane length waits for its bytes and reserves only a bounded amount.
         let mut reader = FrameReader::new();
@@ -572,16 +574,7 @@ pub(crate) mod tests {
     fn truncated_and_unknown_copy_data_are_protocol_errors() {
         for body in [&b""[..], b"w", &[b'w'; 24], b"k\0\0\0\0\0\0\0\0", b"x"] {
             let err = parse_copy_data(Bytes::copy_from_slice(body), 9).unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    ReplicationError::Protocol {
-                        offset: Some(9),
-                        ..
-                    }
-                ),
-                "{err}"
-            );
+            assert_protocol_error_at(&err, 9);
         }
         // An XLogData with an empty payload is fine.
         let ok = parse_copy_data(Bytes::copy_from_slice(&[b'w'; 25]), 0).unwrap();

@@ -1,16 +1,19 @@
 //! TLS for the replication connection: SSLRequest negotiation and the rustls configuration of
 //! each [`SslMode`].
 //!
-//! Two verifiers stand in for libpq's behaviour that rustls's defaults do not have:
+//! One certificate verifier, `ServerAuth`, stands in for libpq's behaviour where rustls's
+//! defaults differ:
 //!
-//! - `require` encrypts but, like libpq, does not authenticate the server: [`NoServerAuth`]
-//!   accepts any certificate (still checking that the server holds its key, which is free).
+//! - `require` (and `prefer`) encrypt but, like libpq, do not authenticate the server:
+//!   `CertCheck::None` accepts any certificate (still checking that the server holds its key,
+//!   which is free).
 //! - `verify-full` uses rustls's WebPKI verifier, except when the server presents one of the
 //!   configured root certificates itself. Postgres setups commonly use a self-signed server
 //!   certificate as `sslrootcert`; such a certificate is usually marked `CA:TRUE`, which WebPKI
-//!   refuses as an end-entity certificate (`CaUsedAsEndEntity`) while OpenSSL accepts it. For that
-//!   case [`PinnedOrWebPki`] accepts the exact certificate the operator pinned and still checks
-//!   the host name against it. It does not check a pinned certificate's validity period.
+//!   refuses as an end-entity certificate (`CaUsedAsEndEntity`) while OpenSSL accepts it. For
+//!   that case `CertCheck::PinnedOrWebPki` accepts the exact certificate the operator pinned and
+//!   still checks the host name against it. It does not check a pinned certificate's validity
+//!   period.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -108,10 +111,8 @@ fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, ReplicationError> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
-    let verifier: Arc<dyn ServerCertVerifier> = match mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
-            Arc::new(NoServerAuth { algorithms })
-        }
+    let check = match mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => CertCheck::None,
         SslMode::VerifyFull => {
             let (roots, pinned) = match root_cert {
                 Some(path) => {
@@ -139,18 +140,14 @@ fn client_config(
                     .map_err(|e| {
                         ReplicationError::Tls(format!("cannot build the certificate verifier: {e}"))
                     })?;
-            Arc::new(PinnedOrWebPki {
-                webpki,
-                pinned,
-                algorithms,
-            })
+            CertCheck::PinnedOrWebPki { webpki, pinned }
         }
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ReplicationError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::new(ServerAuth { check, algorithms }))
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
@@ -165,56 +162,27 @@ fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Replicati
         .map_err(|e| unreadable(&e))
 }
 
-/// `sslmode=require`: encryption without server authentication, as libpq does it.
+/// How the server's certificate is checked; the handshake signatures are verified in any case
+/// (that proves the server holds the key of the certificate it presented, and costs nothing).
 #[derive(Debug)]
-struct NoServerAuth {
+enum CertCheck {
+    /// `sslmode=require`: encryption without server authentication, as libpq does it.
+    None,
+    /// `sslmode=verify-full`: WebPKI, or the exact pinned root certificate presented by the
+    /// server (see the module docs).
+    PinnedOrWebPki {
+        webpki: Arc<WebPkiServerVerifier>,
+        pinned: Vec<CertificateDer<'static>>,
+    },
+}
+
+#[derive(Debug)]
+struct ServerAuth {
+    check: CertCheck,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for NoServerAuth {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `sslmode=verify-full`: WebPKI, or the exact pinned root certificate presented by the server.
-#[derive(Debug)]
-struct PinnedOrWebPki {
-    webpki: Arc<WebPkiServerVerifier>,
-    pinned: Vec<CertificateDer<'static>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedOrWebPki {
+impl ServerCertVerifier for ServerAuth {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -223,17 +191,23 @@ impl ServerCertVerifier for PinnedOrWebPki {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .pinned
-            .iter()
-            .any(|pinned| pinned.as_ref() == end_entity.as_ref())
-        {
-            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_name(&parsed, server_name)?;
-            return Ok(ServerCertVerified::assertion());
+        match &self.check {
+            CertCheck::None => Ok(ServerCertVerified::assertion()),
+            CertCheck::PinnedOrWebPki { pinned, .. }
+                if pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
+                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            CertCheck::PinnedOrWebPki { webpki, .. } => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
         }
-        self.webpki
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
