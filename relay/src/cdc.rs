@@ -470,7 +470,20 @@ impl<'a> Session<'a> {
             streaming: s.proto_version >= 2,
             binary: false,
         };
-        let mut stream = repl.start_replication(&s.slot, resume, opts).await?;
+        let mut stream = repl
+            .start_replication(&s.slot, resume, opts)
+            .await
+            .map_err(|e| {
+                // The walsender of a reader that just died may still hold the slot: retried.
+                if e.sqlstate() == Some(crate::replication::conn::sqlstate::OBJECT_IN_USE) {
+                    CdcError::SlotInUse {
+                        slot: s.slot.clone(),
+                        pid: "?".into(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
         tracing::info!(slot = %s.slot, lsn = %resume, "streaming");
         self.health.set_ready(true);
         self.health.set_healthy(true);
