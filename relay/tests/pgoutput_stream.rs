@@ -523,19 +523,11 @@ async fn one_transaction_over_two_relations() {
 
     // Both relations by name and oid, in the order of the changes.
     let txn = &capture.transactions[0];
-    let oid = |name: &str| {
-        let admin = &admin;
-        let name = name.to_owned();
-        async move {
-            let oid: u32 = admin
-                .query_one("SELECT $1::text::regclass::oid", &[&name])
-                .await
-                .unwrap()
-                .get(0);
-            oid
-        }
-    };
-    let (a, b) = (oid("a").await, oid("b").await);
+    let oids = admin
+        .query_one("SELECT 'a'::regclass::oid, 'b'::regclass::oid", &[])
+        .await
+        .unwrap();
+    let (a, b): (u32, u32) = (oids.get(0), oids.get(1));
     let relations: Vec<(String, u32)> = txn
         .changes
         .iter()
