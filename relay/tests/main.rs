@@ -6,6 +6,7 @@
 
 mod cdc;
 mod compose;
+mod pgoutput_stream;
 mod replication_client;
 mod sink;
 mod smoke;
