@@ -432,7 +432,9 @@ impl Assembler {
     }
 
     /// The xid of the non-streamed transaction between its Begin and Commit, if any. While it is
-    /// open, a keepalive's LSN must not be confirmed.
+    /// open, a keepalive's LSN must not be confirmed. Streamed transactions still buffered do not
+    /// count: their commit lies after any position confirmed now, so Postgres streams them again
+    /// in full after a restart.
     pub fn open_transaction(&self) -> Option<u32> {
         match self.state {
             State::InTxn { xid, .. } => Some(xid),
