@@ -6,6 +6,10 @@
 //! into messages at each 0xFF 0xFE pair (an arbitrary separator: libFuzzer finds it quickly, and
 //! valid messages rarely contain it), so one input can build up state (a Relation, a Stream
 //! Start) before the message that exercises it.
+//!
+//! Run from `relay/fuzz` (needs nightly): `cargo +nightly fuzz run pgoutput_decode --
+//! -max_total_time=300`. A good seed corpus is the PG15 captures in
+//! `relay/src/replication/testdata/`, hex-decoded and joined with the separator, behind a mode byte.
 #![no_main]
 
 use bytes::Bytes;
