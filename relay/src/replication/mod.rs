@@ -2,9 +2,12 @@
 //! decoder, the transaction assembler and slot management.
 //!
 //! ```text
-//!  ReplicationClient (conn)      pgoutput::decode           assembler
-//!  CopyBoth 'w' XLogData  ──▶  Begin/Relation/Insert/…  ──▶  whole committed transactions
-//!           'k' keepalive                                   (xid, commit LSN, end LSN, time)
+//!  ReplicationClient (conn)      pgoutput::Decoder              assembler::Assembler
+//!  CopyBoth 'w' XLogData  ──▶  Begin/Relation/Insert/…  ──▶  TxnEvent: Begin, Change…, Commit
+//!           'k' keepalive      (relation cache, stream       of committed transactions only
+//!                               block state)                 (xid, commit LSN, end LSN, time);
+//!                                                            NonTxnMessage; streamed txns
+//!                                                            buffered/spilled until Stream Commit
 //!  ◀── 'r' standby status (flush = what the caller says is durable downstream)
 //! ```
 

@@ -478,7 +478,8 @@ pub enum LogicalMessage {
 }
 
 /// Checked reads over one message. Every read returns an error naming the message tag and the
-/// offset instead of panicking, and slices share the input buffer instead of copying it.
+/// offset instead of panicking, and slices share the input buffer instead of copying it. Public so
+/// that other parsers of replication bytes (XLogData and keepalive headers) can reuse it.
 #[derive(Debug)]
 pub struct Cursor {
     buf: Bytes,
@@ -664,12 +665,6 @@ impl Decoder {
     /// transaction).
     pub fn relation(&self, oid: u32) -> Option<&Arc<Relation>> {
         self.relations.get(&oid)
-    }
-
-    /// Adds a relation to the main cache, as if a Relation message had been decoded outside a stream
-    /// block. Used to replay spilled transactions, whose relations were recorded next to them.
-    pub fn insert_relation(&mut self, relation: Arc<Relation>) {
-        self.relations.insert(relation.oid, relation);
     }
 
     /// Puts the decoder inside (or outside) the stream block of `xid`, as Stream Start and Stream
