@@ -928,9 +928,12 @@ impl RelayConfig {
         );
         positive(&mut check, "cdc.status_interval", self.cdc.status_interval);
         check(
-            (1..=4).contains(&self.cdc.proto_version),
+            (1..=2).contains(&self.cdc.proto_version),
             "cdc.proto_version",
-            format!("must be between 1 and 4 (got {})", self.cdc.proto_version),
+            format!(
+                "must be 1 or 2, the pgoutput versions this relay decodes (got {})",
+                self.cdc.proto_version
+            ),
         );
 
         // outbox: the table name is interpolated into SQL by the polling relay, so only plain
@@ -1484,7 +1487,7 @@ mod tests {
             "batch.max_events: must be at least 1 (got 0)",
             "batch.max_bytes: must be at least 1024 (got 100)",
             "cdc.slot: `My-Slot` is not a valid replication slot name (lowercase letters, digits and underscores, at most 63)",
-            "cdc.proto_version: must be between 1 and 4 (got 9)",
+            "cdc.proto_version: must be 1 or 2, the pgoutput versions this relay decodes (got 9)",
             "cdc.heartbeat_prefix: must differ from cdc.message_prefix",
             "outbox.topic_template: must contain {aggregate_type}",
             "outbox.table: ",
