@@ -701,7 +701,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_events: 1000,
             max_bytes: 1024 * 1024,
-            max_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(1),
         }
     }
 }
@@ -1391,7 +1391,7 @@ mod tests {
         assert_eq!(c.transactional_id(RelayKind::Poll), "relay-poll-default");
         assert_eq!(c.batch.max_events, 1000);
         assert_eq!(c.batch.max_bytes, 1 << 20);
-        assert_eq!(c.batch.max_delay, Duration::from_millis(5));
+        assert_eq!(c.batch.max_delay, Duration::from_millis(1));
         assert_eq!(c.poll.interval, Duration::from_millis(50));
         assert_eq!(c.poll.batch_size, 1000);
         assert_eq!(c.http.listen, "127.0.0.1:9187".parse().unwrap());

@@ -204,8 +204,10 @@ async fn exactly_once_across_sigkills() {
     let h = Harness::new(db.url(), kafka::bootstrap());
     h.create_slot().await;
     let (state, writers) = start_writers(&db.url(), 2);
+    let mut logs = Vec::new();
     for i in 0..20 {
         let mut relay = h.spawn();
+        logs.push(relay.log.clone());
         let ms = 400 + rand::random::<u64>() % 2000;
         tokio::time::sleep(Duration::from_millis(ms)).await;
         if let Some(st) = relay.try_status() {
@@ -224,6 +226,18 @@ async fn exactly_once_across_sigkills() {
         .expect("relay exits on SIGTERM");
     assert!(st.success(), "graceful exit: {st}");
     let t = h.tally(&state).await;
+    if t.lost + t.duplicates > 0 {
+        for (i, log) in logs.iter().enumerate() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for line in text.lines().filter(|l| !l.contains("librdkafka")) {
+                eprintln!("run {i}: {line}");
+            }
+        }
+        let cps = kafka::read_all(&h.checkpoint_topic, Isolation::ReadCommitted).await;
+        for c in cps {
+            eprintln!("checkpoint @{}: {}", c.offset, c.value_str());
+        }
+    }
     assert_exactly_once(&t, "20 SIGKILLs");
 }
 

@@ -219,8 +219,14 @@ struct Deliveries {
 }
 
 impl Deliveries {
+    /// Called before the record is handed to librdkafka (whose report may come at once);
+    /// `unsent` undoes it when the handover fails.
     fn sent(&self) {
         *self.outstanding.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn unsent(&self) {
+        self.delivered();
     }
 
     fn delivered(&self) {
@@ -378,12 +384,11 @@ impl Backend for KafkaBackend {
             .payload(&r.value[..])
             .headers(headers);
         loop {
+            self.deliveries.sent();
             match producer.send(record) {
-                Ok(()) => {
-                    self.deliveries.sent();
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.deliveries.unsent();
                     // Backpressure: the producer's own thread delivers meanwhile.
                     if let Some(c) = &self.queue_full {
                         c.inc();
@@ -413,12 +418,11 @@ impl Backend for KafkaBackend {
             .payload(&value);
         let mut record = record;
         loop {
+            self.deliveries.sent();
             match producer.send(record) {
-                Ok(()) => {
-                    self.deliveries.sent();
-                    break;
-                }
+                Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.deliveries.unsent();
                     std::thread::sleep(Duration::from_millis(2));
                     record = back;
                 }
@@ -436,6 +440,12 @@ impl Backend for KafkaBackend {
         // serves at once, signalling `deliveries`) leaves nothing to flush and removes 100 ms from
         // every commit.
         self.deliveries.wait_all(CALL_TIMEOUT);
+        // The report callback runs just before librdkafka releases the message; wait out that
+        // instant too, or the flush would see it outstanding and poll for 100 ms.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while producer.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
         let mut attempt = 0;
         loop {
             match producer.commit_transaction(CALL_TIMEOUT) {

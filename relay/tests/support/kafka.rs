@@ -111,7 +111,7 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0usize;
+    let mut remaining = std::collections::HashSet::new();
     for &p in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, timeout)
@@ -119,25 +119,28 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
                 .expect("tpl");
-            remaining += 1;
+            remaining.insert(p);
         }
     }
-    if remaining == 0 {
+    if remaining.is_empty() {
         return Vec::new();
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     // Partition EOF arrives once a partition's reader has reached the end offset of its
-    // isolation level (the last stable offset under read_committed).
-    while remaining > 0 {
+    // isolation level (the last stable offset under read_committed). Counted per partition: a
+    // partition may report it more than once.
+    while !remaining.is_empty() {
         assert!(
             Instant::now() < deadline,
             "reading {topic} did not reach the end in 60 s"
         );
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => remaining -= 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
+            }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             Some(Ok(m)) => {
                 let mut headers = HashMap::new();
