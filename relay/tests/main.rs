@@ -10,4 +10,5 @@ mod pgoutput_stream;
 mod replication_client;
 mod sink;
 mod smoke;
+mod stack;
 mod support;

@@ -128,3 +128,34 @@ async fn pgoutput_slot_streams_an_outbox_insert() {
         .await
         .unwrap();
 }
+
+/// `relay migrate` applies every migration once; a second run applies none and changes nothing.
+#[tokio::test]
+async fn migrations_apply_once_and_again_is_a_no_op() {
+    let db = TestDb::create_empty().await;
+    let first = relay::migrate::run(&db.url()).await.expect("first run");
+    assert_eq!(
+        first,
+        relay::migrate::MIGRATOR.iter().count(),
+        "all migrations applied"
+    );
+    let second = relay::migrate::run(&db.url()).await.expect("second run");
+    assert_eq!(second, 0, "nothing applied the second time");
+    let c = db.client().await;
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' \
+             AND table_name IN ('outbox', 'processed_events', 'orders')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 3);
+    let publication: i64 = c
+        .query_one("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'outbox_pub' AND tablename = 'outbox'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publication, 1, "the publication covers the outbox");
+}
