@@ -1064,7 +1064,12 @@ impl CdcSettings {
             kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             shutdown_timeout: cfg.shutdown.timeout,
-            assembler: AssemblerConfig::default(),
+            // Streamed (protocol 2) transactions are buffered until they commit; past 16 MiB
+            // the largest is spilled to a temporary file, so memory stays bounded.
+            assembler: AssemblerConfig {
+                memory_budget: 16 << 20,
+                spill_dir: None,
+            },
         })
     }
 }
