@@ -802,24 +802,9 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            Change::Update(u) => {
-                let kind = if self.is_outbox(&u.relation) {
-                    IgnoredChange::Update
-                } else {
-                    IgnoredChange::OtherTable
-                };
-                self.metrics.ignored_changes(kind).inc();
-                Ok(None)
-            }
-            Change::Delete(d) => {
-                let kind = if self.is_outbox(&d.relation) {
-                    IgnoredChange::Delete
-                } else {
-                    IgnoredChange::OtherTable
-                };
-                self.metrics.ignored_changes(kind).inc();
-                Ok(None)
-            }
+            // Outbox rows are append-only events: changes to them are counted, not published.
+            Change::Update(u) => Ok(self.ignore(&u.relation, IgnoredChange::Update)),
+            Change::Delete(d) => Ok(self.ignore(&d.relation, IgnoredChange::Delete)),
             Change::Truncate(_) => {
                 self.metrics.ignored_changes(IgnoredChange::Truncate).inc();
                 Ok(None)
@@ -864,6 +849,17 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Counts an ignored change: as `kind` on the outbox table, as another table's otherwise.
+    fn ignore(&self, r: &Relation, kind: IgnoredChange) -> Option<OutRecord> {
+        let kind = if self.is_outbox(r) {
+            kind
+        } else {
+            IgnoredChange::OtherTable
+        };
+        self.metrics.ignored_changes(kind).inc();
+        None
     }
 
     fn is_outbox(&self, r: &Relation) -> bool {

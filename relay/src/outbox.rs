@@ -181,19 +181,20 @@ pub fn parse_headers(text: &[u8]) -> Result<Vec<(String, String)>, HeadersError>
         serde_json::from_slice(text).map_err(|e| HeadersError::Json(e.to_string()))?;
     match v {
         serde_json::Value::Null => Ok(Vec::new()),
-        serde_json::Value::Object(map) => Ok(map
-            .into_iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                (k, s)
-            })
-            .collect()),
+        serde_json::Value::Object(map) => Ok(header_strings(map)),
         serde_json::Value::Array(_) => Err(HeadersError::NotAnObject("an array")),
         _ => Err(HeadersError::NotAnObject("a scalar")),
     }
+}
+
+/// A headers object as (name, value) strings: strings as they are, other values as JSON text.
+fn header_strings(map: serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect()
 }
 
 /// The content of a `pg_logical_emit_message(true, '<prefix>', <json>)` event: a JSON object
@@ -227,18 +228,7 @@ impl MessageEvent {
             .event_id
             .unwrap_or_else(|| uuid::Uuid::from_u64_pair(system_id, lsn))
             .to_string();
-        let headers = self
-            .headers
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                (k, s)
-            })
-            .collect();
+        let headers = header_strings(self.headers.unwrap_or_default());
         Event {
             event_id,
             aggregate_type: self.aggregate_type,
