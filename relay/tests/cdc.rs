@@ -148,6 +148,29 @@ impl Harness {
         }
     }
 
+    /// When a count is off, prints what the investigation needs: the relay logs (without
+    /// librdkafka's lines) and every committed checkpoint.
+    async fn explain(&self, t: &Tally, logs: &[std::path::PathBuf]) {
+        if t.lost + t.duplicates + t.out_of_order == 0 {
+            return;
+        }
+        for (i, log) in logs.iter().enumerate() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for line in text.lines().filter(|l| !l.contains("librdkafka")) {
+                eprintln!("run {i}: {line}");
+            }
+        }
+        let cps = kafka::read_all_from(
+            &self.bootstrap,
+            &self.checkpoint_topic,
+            Isolation::ReadCommitted,
+        )
+        .await;
+        for c in cps {
+            eprintln!("checkpoint @{}: {}", c.offset, c.value_str());
+        }
+    }
+
     async fn tally(&self, state: &LoadState) -> Tally {
         let rolled_back = state.rolled_back.lock().unwrap().clone();
         outbox_load::tally(&self.db_url, &self.bootstrap, &self.topics(), &rolled_back).await
@@ -226,18 +249,7 @@ async fn exactly_once_across_sigkills() {
         .expect("relay exits on SIGTERM");
     assert!(st.success(), "graceful exit: {st}");
     let t = h.tally(&state).await;
-    if t.lost + t.duplicates > 0 {
-        for (i, log) in logs.iter().enumerate() {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            for line in text.lines().filter(|l| !l.contains("librdkafka")) {
-                eprintln!("run {i}: {line}");
-            }
-        }
-        let cps = kafka::read_all(&h.checkpoint_topic, Isolation::ReadCommitted).await;
-        for c in cps {
-            eprintln!("checkpoint @{}: {}", c.offset, c.value_str());
-        }
-    }
+    h.explain(&t, &logs).await;
     assert_exactly_once(&t, "20 SIGKILLs");
 }
 
@@ -322,7 +334,9 @@ async fn exactly_once_across_postgres_restarts() {
         .terminate(Duration::from_secs(20))
         .expect("exit")
         .success());
-    assert_exactly_once(&h.tally(&state).await, "Postgres restarts");
+    let t = h.tally(&state).await;
+    h.explain(&t, &[relay.log.clone()]).await;
+    assert_exactly_once(&t, "Postgres restarts");
     drop(pg);
 }
 
