@@ -243,6 +243,13 @@ struct OutboxLayout {
     headers: Option<usize>,
 }
 
+/// Per-event counters, looked up once per session instead of once per event.
+struct EventCounters {
+    rows: prometheus::IntCounter,
+    messages: prometheus::IntCounter,
+    bytes: prometheus::IntCounter,
+}
+
 /// Records handed to the sink thread at a time.
 const CHUNK: usize = 256;
 
@@ -264,6 +271,7 @@ struct Session<'a> {
     inflight: Option<Inflight>,
     layout: Option<OutboxLayout>,
     dlq_topic: Arc<str>,
+    counters: EventCounters,
 }
 
 impl<'a> Session<'a> {
@@ -289,6 +297,11 @@ impl<'a> Session<'a> {
             inflight: None,
             layout: None,
             dlq_topic: s.dlq_topic.as_str().into(),
+            counters: EventCounters {
+                rows: metrics.events(RelayKind::Cdc, EventKind::Row),
+                messages: metrics.events(RelayKind::Cdc, EventKind::Message),
+                bytes: metrics.event_bytes(RelayKind::Cdc),
+            },
         }
     }
 
@@ -777,14 +790,7 @@ impl<'a> Session<'a> {
                     xid,
                 };
                 match row_event(layout, &ins.new.columns, source, commit_ts_us) {
-                    Ok(event) => {
-                        self.metrics.events(RelayKind::Cdc, EventKind::Row).inc();
-                        self.metrics
-                            .event_bytes(RelayKind::Cdc)
-                            .inc_by(event.payload.len() as u64);
-                        let topic = self.router.topic(&event.aggregate_type);
-                        Ok(Some(event.into_record(topic)))
-                    }
+                    Ok(event) => Ok(Some(self.publish(event, EventKind::Row))),
                     Err(why) => {
                         tracing::warn!(lsn = %commit_lsn, xid, error = %why, "outbox row cannot be mapped; sent to the DLQ topic");
                         let payload = ins
@@ -828,14 +834,7 @@ impl<'a> Session<'a> {
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
                         let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
-                        self.metrics
-                            .events(RelayKind::Cdc, EventKind::Message)
-                            .inc();
-                        self.metrics
-                            .event_bytes(RelayKind::Cdc)
-                            .inc_by(event.payload.len() as u64);
-                        let topic = self.router.topic(&event.aggregate_type);
-                        Ok(Some(event.into_record(topic)))
+                        Ok(Some(self.publish(event, EventKind::Message)))
                     }
                     Err(why) => {
                         tracing::warn!(lsn = %m.lsn, xid, error = %why, "logical message cannot be mapped; sent to the DLQ topic");
@@ -849,6 +848,18 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// The record of `event`, counted. The counters are resolved once per session: this runs
+    /// per event.
+    fn publish(&mut self, event: Event, kind: EventKind) -> OutRecord {
+        match kind {
+            EventKind::Row => self.counters.rows.inc(),
+            EventKind::Message => self.counters.messages.inc(),
+        }
+        self.counters.bytes.inc_by(event.payload.len() as u64);
+        let topic = self.router.topic(&event.aggregate_type);
+        event.into_record(topic)
     }
 
     /// Counts an ignored change: as `kind` on the outbox table, as another table's otherwise.
