@@ -474,6 +474,9 @@ impl<'a> Session<'a> {
         // Never report a position below what the slot already has.
         let mut confirmed = resume;
         self.metrics.set_confirmed_lsn(confirmed.0);
+        // The server's WAL end as last reported (XLogData and keepalives carry it): the
+        // checkpoint lag is how far the confirmed position trails it.
+        let mut server_end = resume;
         let mut assembler = Assembler::new(s.proto_version, s.assembler.clone())?;
         let repl = ReplicationClient::connect(&s.postgres).await?;
         let opts = StartOptions {
@@ -522,6 +525,7 @@ impl<'a> Session<'a> {
                         confirmed = lsn;
                         stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
                         self.metrics.set_confirmed_lsn(confirmed.0);
+                        self.metrics.set_checkpoint_lag_bytes(server_end.0.saturating_sub(confirmed.0));
                     }
                     if self.batch_due(Instant::now()) {
                         self.close_batch(sink).await?;
@@ -535,13 +539,16 @@ impl<'a> Session<'a> {
                 msg = stream.next() => {
                     match msg? {
                         None => return Err(CdcError::StreamEnded),
-                        Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                        Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
+                            server_end = server_end.max(wal_end);
                             assembler.feed(wal_start, data)?;
                             while let Some(ev) = assembler.next_event()? {
                                 self.on_event(ev, sink).await?;
                             }
                         }
-                        Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
+                        Some(ReplicationMessage::Keepalive { reply_requested, wal_end, .. }) => {
+                            server_end = server_end.max(wal_end);
+                            self.metrics.set_checkpoint_lag_bytes(server_end.0.saturating_sub(confirmed.0));
                             if reply_requested {
                                 stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
                             }

@@ -38,7 +38,7 @@ pub mod names {
     pub const CHECKPOINT_LAG_BYTES: &str = "relay_checkpoint_lag_bytes";
     /// Reconnections, by component.
     pub const RECONNECTS_TOTAL: &str = "relay_reconnects_total";
-    /// From emitting a heartbeat message to seeing it in the replication stream.
+    /// From emitting a heartbeat message to committing it, with the checkpoint, to Kafka.
     pub const HEARTBEAT_RTT_SECONDS: &str = "relay_heartbeat_rtt_seconds";
     /// Changes seen but not relayed, by kind.
     pub const IGNORED_CHANGES_TOTAL: &str = "relay_ignored_changes_total";
@@ -223,7 +223,7 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         names::HEARTBEAT_RTT_SECONDS,
-                        "Seconds from emitting a heartbeat message to receiving it on the slot.",
+                        "Seconds from emitting a heartbeat message to committing it to Kafka with the checkpoint.",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
                 )?,
