@@ -132,6 +132,8 @@ pub enum CdcError {
     },
     #[error("replication stream ended by the server")]
     StreamEnded,
+    #[error("Postgres did not answer the {0} within {1:?}; reconnecting")]
+    Timeout(&'static str, Duration),
     #[error("Postgres answered a query in an unexpected shape: {0}")]
     Unexpected(String),
 }
@@ -152,7 +154,9 @@ impl CdcError {
         match self {
             CdcError::Replication(e) if e.is_transient() => Disposition::Retry,
             CdcError::Sink(e) if e.is_transient() => Disposition::Retry,
-            CdcError::SlotInUse { .. } | CdcError::StreamEnded => Disposition::Retry,
+            CdcError::SlotInUse { .. } | CdcError::StreamEnded | CdcError::Timeout(..) => {
+                Disposition::Retry
+            }
             _ => Disposition::Fatal,
         }
     }
@@ -562,11 +566,18 @@ impl<'a> Session<'a> {
                 // 6. Heartbeat.
                 _ = heartbeat_tick.tick(), if s.heartbeat_interval.is_some() => {
                     let now = unix_micros(SystemTime::now());
-                    sql.simple_query(&format!(
+                    let query = format!(
                         "SELECT pg_logical_emit_message(true, {}, '{now}')",
                         quote_literal(&s.heartbeat_prefix)
-                    ))
-                    .await?;
+                    );
+                    // Bounded: a Postgres that stops answering must end the session (and be
+                    // reported), not stall the loop while /healthz still says healthy.
+                    match tokio::time::timeout(s.status_interval, sql.simple_query(&query)).await {
+                        Ok(r) => {
+                            r?;
+                        }
+                        Err(_) => return Err(CdcError::Timeout("heartbeat", s.status_interval)),
+                    }
                 }
             }
         }
@@ -606,13 +617,16 @@ impl<'a> Session<'a> {
             Ok::<(), CdcError>(())
         };
         match tokio::time::timeout(s.shutdown_timeout, drain).await {
-            Ok(r) => r?,
+            Ok(r) => {
+                r?;
+                tracing::info!(lsn = %confirmed, "cdc relay stopped cleanly");
+            }
             Err(_) => tracing::warn!(
                 timeout_ms = s.shutdown_timeout.as_millis() as u64,
+                lsn = %confirmed,
                 "shutdown timed out; the open Kafka transaction is abandoned (it aborts) and is re-read after restart"
             ),
         }
-        tracing::info!(lsn = %confirmed, "cdc relay stopped cleanly");
         Ok(())
     }
 
@@ -640,7 +654,10 @@ impl<'a> Session<'a> {
     }
 
     /// Sends the batch's checkpoint and asks for the commit; the result arrives in `inflight`.
+    /// Called only with no commit in flight, so `committed` is the latest checkpoint and the new
+    /// one (its `events_total` included) derives from it.
     async fn close_batch(&mut self, sink: &Sink) -> Result<(), CdcError> {
+        debug_assert!(self.inflight.is_none(), "one commit in flight at a time");
         let Some((commit_lsn, end_lsn)) = self.batch.last else {
             return Ok(());
         };

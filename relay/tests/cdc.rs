@@ -171,6 +171,25 @@ impl Harness {
         }
     }
 
+    /// The end of every load test: wait until the relay has confirmed everything written, stop
+    /// it with SIGTERM (it must exit 0), count, and explain any miss with `logs`.
+    async fn settle(
+        &self,
+        relay: &mut RelayProc,
+        timeout: Duration,
+        state: &LoadState,
+        logs: &[std::path::PathBuf],
+    ) -> Tally {
+        self.wait_caught_up(relay, timeout).await;
+        let st = relay
+            .terminate(Duration::from_secs(20))
+            .expect("relay exits on SIGTERM");
+        assert!(st.success(), "graceful exit: {st}\n{}", relay.log_text());
+        let t = self.tally(state).await;
+        self.explain(&t, logs).await;
+        t
+    }
+
     async fn tally(&self, state: &LoadState) -> Tally {
         let rolled_back = state.rolled_back.lock().unwrap().clone();
         outbox_load::tally(&self.db_url, &self.bootstrap, &self.topics(), &rolled_back).await
@@ -243,13 +262,10 @@ async fn exactly_once_across_sigkills() {
     }
     stop_writers(&state, writers).await;
     let mut relay = h.spawn();
-    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
-    let st = relay
-        .terminate(Duration::from_secs(20))
-        .expect("relay exits on SIGTERM");
-    assert!(st.success(), "graceful exit: {st}");
-    let t = h.tally(&state).await;
-    h.explain(&t, &logs).await;
+    logs.push(relay.log.clone());
+    let t = h
+        .settle(&mut relay, Duration::from_secs(120), &state, &logs)
+        .await;
     assert_exactly_once(&t, "20 SIGKILLs");
 }
 
@@ -294,12 +310,11 @@ async fn graceful_shutdown_confirms_the_last_checkpoint() {
 
     // Everything committed after the stop is delivered by the next run, exactly once.
     let mut relay = h.spawn();
-    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
-    assert!(relay
-        .terminate(Duration::from_secs(20))
-        .expect("exit")
-        .success());
-    assert_exactly_once(&h.tally(&state).await, "graceful shutdown");
+    let log = relay.log.clone();
+    let t = h
+        .settle(&mut relay, Duration::from_secs(60), &state, &[log])
+        .await;
+    assert_exactly_once(&t, "graceful shutdown");
 }
 
 /// Postgres restarts twice under the relay (fast, then immediate: a crash); nothing is lost or
@@ -329,13 +344,10 @@ async fn exactly_once_across_postgres_restarts() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop_writers(&state, writers).await;
-    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
-    assert!(relay
-        .terminate(Duration::from_secs(20))
-        .expect("exit")
-        .success());
-    let t = h.tally(&state).await;
-    h.explain(&t, &[relay.log.clone()]).await;
+    let log = relay.log.clone();
+    let t = h
+        .settle(&mut relay, Duration::from_secs(120), &state, &[log])
+        .await;
     assert_exactly_once(&t, "Postgres restarts");
     drop(pg);
 }
@@ -360,12 +372,11 @@ async fn exactly_once_across_a_broker_restart() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop_writers(&state, writers).await;
-    h.wait_caught_up(&mut relay, Duration::from_secs(180)).await;
-    assert!(relay
-        .terminate(Duration::from_secs(20))
-        .expect("exit")
-        .success());
-    assert_exactly_once(&h.tally(&state).await, "broker restart");
+    let log = relay.log.clone();
+    let t = h
+        .settle(&mut relay, Duration::from_secs(180), &state, &[log])
+        .await;
+    assert_exactly_once(&t, "broker restart");
     drop(broker);
 }
 
