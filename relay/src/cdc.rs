@@ -47,8 +47,8 @@ use crate::metrics::{Component, EventKind, IgnoredChange, Metrics, TxnOutcome};
 use crate::outbox::{self, ColumnSet, Event, MessageEvent, OutRecord, Source, TopicRouter};
 use crate::replication::assembler::{Assembler, AssemblerConfig, AssemblerError, Change, TxnEvent};
 use crate::replication::conn::{
-    ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage, SnapshotAction,
-    StartOptions,
+    ReplicationClient, ReplicationConfig, ReplicationError, ReplicationMessage, ReplicationStream,
+    SnapshotAction, StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
 use crate::replication::Lsn;
@@ -527,7 +527,7 @@ impl<'a> Session<'a> {
                     let lsn = self.on_committed(res)?;
                     if lsn > confirmed {
                         confirmed = lsn;
-                        stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                        confirm(&mut stream, confirmed, s.status_interval).await?;
                         self.metrics.set_confirmed_lsn(confirmed.0);
                         self.metrics.set_checkpoint_lag_bytes(server_end.0.saturating_sub(confirmed.0));
                     }
@@ -554,14 +554,14 @@ impl<'a> Session<'a> {
                             server_end = server_end.max(wal_end);
                             self.metrics.set_checkpoint_lag_bytes(server_end.0.saturating_sub(confirmed.0));
                             if reply_requested {
-                                stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                                confirm(&mut stream, confirmed, s.status_interval).await?;
                             }
                         }
                     }
                 }
                 // 5. Periodic status, so the walsender does not time us out.
                 _ = status_tick.tick() => {
-                    stream.send_status_update(confirmed, confirmed, confirmed, false).await?;
+                    confirm(&mut stream, confirmed, s.status_interval).await?;
                 }
                 // 6. Heartbeat.
                 _ = heartbeat_tick.tick(), if s.heartbeat_interval.is_some() => {
@@ -609,9 +609,7 @@ impl<'a> Session<'a> {
                     confirmed = confirmed.max(self.on_committed(res)?);
                 }
             }
-            stream
-                .send_status_update(confirmed, confirmed, confirmed, false)
-                .await?;
+            confirm(&mut stream, confirmed, s.status_interval).await?;
             self.metrics.set_confirmed_lsn(confirmed.0);
             stream.finish().await?;
             Ok::<(), CdcError>(())
@@ -781,7 +779,7 @@ impl<'a> Session<'a> {
                          their transaction and are relayed exactly once"
                     );
                     self.metrics
-                        .ignored_changes(IgnoredChange::OtherTable)
+                        .ignored_changes(IgnoredChange::NonTransactionalMessage)
                         .inc();
                 }
             }
@@ -1006,6 +1004,20 @@ async fn wait_inflight(inflight: &mut Option<Inflight>) -> Result<(Committed, Ba
     }
 }
 
+/// Sends a standby status update with `lsn` as the written, flushed and applied position,
+/// bounded by `limit`: a server that stops reading must end the session (and be reported), not
+/// stall the loop while `/healthz` still says healthy.
+async fn confirm(
+    stream: &mut ReplicationStream,
+    lsn: Lsn,
+    limit: Duration,
+) -> Result<(), CdcError> {
+    match tokio::time::timeout(limit, stream.send_status_update(lsn, lsn, lsn, false)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(CdcError::Timeout("standby status update", limit)),
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -1095,11 +1107,11 @@ impl CdcSettings {
             kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             shutdown_timeout: cfg.shutdown.timeout,
-            // Streamed (protocol 2) transactions are buffered until they commit; past 16 MiB
-            // the largest is spilled to a temporary file, so memory stays bounded.
+            // Streamed (protocol 2) transactions are buffered until they commit; past the
+            // budget the largest is spilled to a temporary file, so memory stays bounded.
             assembler: AssemblerConfig {
-                memory_budget: 16 << 20,
-                spill_dir: None,
+                memory_budget: cfg.cdc.stream_memory_budget,
+                spill_dir: cfg.cdc.spill_dir.clone(),
             },
         })
     }

@@ -353,6 +353,11 @@ pub struct CdcConfig {
     pub status_interval: Duration,
     /// pgoutput `proto_version`.
     pub proto_version: u32,
+    /// Bytes of streamed (`proto_version` 2) transactions held in memory until they commit;
+    /// past it the largest is spilled to a temporary file.
+    pub stream_memory_budget: usize,
+    /// Directory of those spill files; the system's temporary directory when unset.
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl Default for CdcConfig {
@@ -366,6 +371,8 @@ impl Default for CdcConfig {
             heartbeat_prefix: "outbox_relay_heartbeat".to_owned(),
             status_interval: Duration::from_secs(10),
             proto_version: 1,
+            stream_memory_budget: 16 << 20,
+            spill_dir: None,
         }
     }
 }
@@ -935,6 +942,19 @@ impl RelayConfig {
                 self.cdc.proto_version
             ),
         );
+        at_least(
+            &mut check,
+            "cdc.stream_memory_budget",
+            self.cdc.stream_memory_budget,
+            1 << 20,
+        );
+        if let Some(dir) = &self.cdc.spill_dir {
+            check(
+                dir.is_dir(),
+                "cdc.spill_dir",
+                format!("{} is not a directory", dir.display()),
+            );
+        }
 
         // outbox: the table name is interpolated into SQL by the polling relay, so only plain
         // identifiers are accepted, never quoting.
@@ -1140,6 +1160,7 @@ fn known_keys() -> Value {
     let mut defaults = RelayConfig::default();
     // Optional keys serialise as nil; give them values so they appear as leaves.
     defaults.postgres.password_file = Some(PathBuf::new());
+    defaults.cdc.spill_dir = Some(PathBuf::new());
     defaults.kafka.transactional_id = Some(String::new());
     // An empty table does not serialise at all; one entry keeps `kafka.librdkafka` known.
     defaults.kafka.librdkafka.insert("placeholder", "");
@@ -1472,6 +1493,8 @@ mod tests {
             ("RELAY_BATCH__MAX_BYTES", "100"),
             ("RELAY_CDC__SLOT", "My-Slot"),
             ("RELAY_CDC__PROTO_VERSION", "9"),
+            ("RELAY_CDC__STREAM_MEMORY_BUDGET", "4096"),
+            ("RELAY_CDC__SPILL_DIR", "/nonexistent/spill"),
             ("RELAY_CDC__HEARTBEAT_PREFIX", "outbox"),
             ("RELAY_OUTBOX__TOPIC_TEMPLATE", "events"),
             ("RELAY_OUTBOX__TABLE", "public.outbox; drop table x"),
@@ -1488,6 +1511,8 @@ mod tests {
             "batch.max_bytes: must be at least 1024 (got 100)",
             "cdc.slot: `My-Slot` is not a valid replication slot name (lowercase letters, digits and underscores, at most 63)",
             "cdc.proto_version: must be 1 or 2, the pgoutput versions this relay decodes (got 9)",
+            "cdc.stream_memory_budget: must be at least 1048576 (got 4096)",
+            "cdc.spill_dir: /nonexistent/spill is not a directory",
             "cdc.heartbeat_prefix: must differ from cdc.message_prefix",
             "outbox.topic_template: must contain {aggregate_type}",
             "outbox.table: ",
@@ -1642,6 +1667,7 @@ mod tests {
         let d = RelayConfig::load_from(None, required()).unwrap();
         // The example documents the defaults: anything it sets differently is a doc bug.
         assert_eq!(c.cdc.slot, d.cdc.slot);
+        assert_eq!(c.cdc.stream_memory_budget, d.cdc.stream_memory_budget);
         assert_eq!(c.batch.max_bytes, d.batch.max_bytes);
         assert_eq!(c.kafka.transaction_timeout, d.kafka.transaction_timeout);
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);

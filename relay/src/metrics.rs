@@ -113,8 +113,12 @@ label_enum! {
         Delete => "delete",
         /// A TRUNCATE.
         Truncate => "truncate",
-        /// A change to a table other than the outbox (the publication is broader than needed).
+        /// A change to a table other than the outbox (the publication is broader than needed),
+        /// or a logical message with a prefix the relay does not own.
         OtherTable => "other_table",
+        /// A non-transactional `pg_logical_emit_message(false, <outbox prefix>, ..)`: it could
+        /// be re-sent after a restart, so it is never relayed.
+        NonTransactionalMessage => "non_transactional_message",
     }
 }
 

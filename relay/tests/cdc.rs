@@ -498,6 +498,14 @@ async fn debezium_columns_messages_ignored_changes_and_poison() {
         "{m}"
     );
     assert_eq!(
+        sample(
+            &m,
+            "relay_ignored_changes_total{kind=\"non_transactional_message\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
         sample(&m, "relay_events_total{kind=\"row\",relay=\"cdc\"}"),
         Some(3.0),
         "{m}"
