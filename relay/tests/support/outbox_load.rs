@@ -98,6 +98,8 @@ pub struct Tally {
     /// Records read under read_committed.
     pub delivered: usize,
     pub lost: usize,
+    /// Which events were lost (for the investigation of a miss).
+    pub lost_ids: Vec<uuid::Uuid>,
     pub duplicates: usize,
     pub out_of_order: usize,
     pub rolled_back_delivered: usize,
@@ -199,6 +201,11 @@ pub fn count(
         expected: expected.len(),
         delivered: records.len(),
         lost: expected.iter().filter(|id| !seen.contains_key(id)).count(),
+        lost_ids: expected
+            .iter()
+            .filter(|id| !seen.contains_key(id))
+            .copied()
+            .collect(),
         duplicates: seen.values().map(|n| n - 1).sum(),
         out_of_order,
         rolled_back_delivered: seen.keys().filter(|id| rb.contains(id)).count(),
