@@ -696,6 +696,9 @@ impl<'a> Session<'a> {
         self.metrics
             .batch_events(RelayKind::Cdc)
             .observe(batch.events as f64);
+        self.metrics
+            .kafka_commit_seconds(RelayKind::Cdc)
+            .observe(committed.commit_duration.as_secs_f64());
         let latency = self.metrics.commit_to_kafka_seconds(RelayKind::Cdc);
         for t in &batch.commit_times {
             latency.observe((now - t).max(0) as f64 / 1e6);

@@ -32,6 +32,9 @@ pub mod names {
     pub const BATCH_EVENTS: &str = "relay_batch_events";
     /// From the Postgres commit of the oldest event in a batch to its Kafka commit.
     pub const COMMIT_TO_KAFKA_SECONDS: &str = "relay_commit_to_kafka_seconds";
+    /// How long one Kafka transaction's commit took (waiting for its records' delivery, then
+    /// `commit_transaction`): the Kafka share of the commit-to-Kafka latency.
+    pub const KAFKA_COMMIT_SECONDS: &str = "relay_kafka_commit_seconds";
     /// The LSN last confirmed to Postgres (as a float: exact up to 2^53 bytes of WAL).
     pub const CONFIRMED_LSN: &str = "relay_confirmed_lsn";
     /// Bytes of WAL between the server's current position and the confirmed one.
@@ -136,6 +139,7 @@ pub struct Metrics {
     kafka_transactions: IntCounterVec,
     batch_events: HistogramVec,
     commit_to_kafka: HistogramVec,
+    kafka_commit: HistogramVec,
     confirmed_lsn: Gauge,
     checkpoint_lag_bytes: IntGauge,
     reconnects: IntCounterVec,
@@ -199,6 +203,13 @@ impl Metrics {
                 &registry,
                 names::COMMIT_TO_KAFKA_SECONDS,
                 "Seconds from the Postgres commit of an event to the Kafka commit carrying it.",
+                LATENCY_BUCKETS,
+                relay,
+            )?,
+            kafka_commit: histogram_vec(
+                &registry,
+                names::KAFKA_COMMIT_SECONDS,
+                "Seconds one Kafka transaction commit took (record delivery and commit_transaction).",
                 LATENCY_BUCKETS,
                 relay,
             )?,
@@ -315,6 +326,11 @@ impl Metrics {
     /// `relay_commit_to_kafka_seconds{relay}`.
     pub fn commit_to_kafka_seconds(&self, relay: RelayKind) -> Histogram {
         self.commit_to_kafka.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_kafka_commit_seconds{relay}`.
+    pub fn kafka_commit_seconds(&self, relay: RelayKind) -> Histogram {
+        self.kafka_commit.with_label_values(&[relay.as_str()])
     }
 
     /// Sets `relay_confirmed_lsn`. A float holds every LSN below 2^53 (8 PiB of WAL) exactly.
