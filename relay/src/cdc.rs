@@ -14,9 +14,11 @@
 //! Postgres skips on restart the transactions whose commit record ends at or before the confirmed
 //! point, so confirming the commit LSN instead would replay the last transaction). Only after
 //! `commit_transaction` has returned is that `end_lsn` sent to Postgres as the flush position.
-//! Keepalives are answered with the same last committed position, never with the keepalive's own
-//! `wal_end`: confirming past a transaction that is open or not yet committed to Kafka is how other
-//! relays have lost events.
+//! Keepalives are answered with the same last committed position, and with the keepalive's own
+//! `wal_end` only when the relay is idle (nothing received is waiting for Kafka), and then only
+//! after a checkpoint at `wal_end` has committed: confirming past a transaction that is open or
+//! not yet committed to Kafka is how other relays have lost events. So the slot's confirmed LSN
+//! is always the end LSN of the last committed checkpoint.
 //!
 //! On start the checkpoint is read back from Kafka (`read_committed`) and streaming resumes at its
 //! `end_lsn`. The slot's `confirmed_flush_lsn` can lag behind it (the process died between the
@@ -515,6 +517,8 @@ impl<'a> Session<'a> {
         let mut heartbeat_tick = tokio::time::interval(heartbeat_every);
         heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        // When the relay last checkpointed a keepalive's position while idle (see `idle`).
+        let mut last_idle_checkpoint = Instant::now();
         let shutdown = self.shutdown;
         loop {
             let deadline = self.batch_deadline();
@@ -553,7 +557,17 @@ impl<'a> Session<'a> {
                         Some(ReplicationMessage::Keepalive { reply_requested, wal_end, .. }) => {
                             server_end = server_end.max(wal_end);
                             self.metrics.set_checkpoint_lag_bytes(server_end.0.saturating_sub(confirmed.0));
-                            if reply_requested {
+                            let now = Instant::now();
+                            let due = reply_requested
+                                || now.duration_since(last_idle_checkpoint) >= s.status_interval;
+                            if due && wal_end > confirmed && self.idle(&assembler) {
+                                // Everything before `wal_end` has arrived and is in Kafka: record
+                                // the position in a checkpoint and confirm it once committed.
+                                last_idle_checkpoint = now;
+                                self.batch.last = Some((self.committed.commit_lsn(), wal_end));
+                                self.batch.opened = Some(now);
+                                self.close_batch(sink).await?;
+                            } else if reply_requested {
                                 confirm(&mut stream, confirmed, s.status_interval).await?;
                             }
                         }
@@ -626,6 +640,23 @@ impl<'a> Session<'a> {
             ),
         }
         Ok(())
+    }
+
+    /// Nothing is received but not yet committed to Kafka: no WAL transaction is open, the
+    /// batch is empty, no commit is in flight, and no streamed transaction is buffered. Then a
+    /// keepalive's `wal_end` (the walsender's sent position: every transaction that committed
+    /// before it has been sent in full) may be checkpointed and confirmed. A logical walsender
+    /// that is shutting down waits until its client confirms that position, so a relay that never
+    /// did would hold `pg_ctl stop -m fast` up; and without heartbeats, WAL of unpublished tables
+    /// would stay retained by the slot.
+    fn idle(&self, assembler: &Assembler) -> bool {
+        self.current.is_none()
+            && self.inflight.is_none()
+            && self.batch.last.is_none()
+            && self.batch.events == 0
+            && self.pending.is_empty()
+            && assembler.open_transaction().is_none()
+            && assembler.streamed_transactions().0 == 0
     }
 
     fn batch_deadline(&self) -> Option<tokio::time::Instant> {

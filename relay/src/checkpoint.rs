@@ -32,7 +32,8 @@ pub struct Checkpoint {
     /// Commit LSN of the last delivered WAL transaction (CDC).
     #[serde(default)]
     pub commit_lsn: u64,
-    /// End LSN of the last delivered WAL transaction: where streaming resumes (CDC).
+    /// End LSN of the last delivered WAL transaction, or a later position the relay was idle at
+    /// (a keepalive's, when nothing was in flight): where streaming resumes (CDC).
     #[serde(default)]
     pub end_lsn: u64,
     /// Polling cursor: transaction id of the last delivered row.

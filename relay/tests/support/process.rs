@@ -116,6 +116,31 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Runs `pg_ctl stop -m <mode> -t <secs>`; Err with pg_ctl's output when the server did
+    /// not stop within that time (it is left running then).
+    pub fn stop_within(&self, mode: &str, secs: u32) -> Result<(), String> {
+        let out = pg_command(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", mode, "-w", "-t", &secs.to_string()])
+            .output()
+            .expect("run pg_ctl");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Starts a stopped cluster.
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start", "-w", "-t", "60"]);
+    }
+
     /// Stops (with `mode`: fast or immediate, the latter like a crash) and starts again.
     pub fn restart(&self, mode: &str) {
         self.pg_ctl(&["stop", "-m", mode, "-w"]);
