@@ -722,6 +722,52 @@ fn peak_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// Kafka backpressure slows reading instead of failing: with a producer queue of 50 records, a
+/// 20,000-row transaction fills it again and again; the relay waits (counted), does not
+/// reconnect, and delivers every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_producer_queue_slows_reading_instead_of_failing() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let mut env = h.env();
+    env.set(
+        "RELAY_KAFKA__LIBRDKAFKA__QUEUE.BUFFERING.MAX.MESSAGES",
+        "50",
+    );
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    h.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
+             SELECT gen_random_uuid(), 'order', 'bp-' || (g % 50), 'Bulk', \
+                    jsonb_build_object('seq', g / 50 + 1) \
+             FROM generate_series(0, 19999) g",
+        )
+        .await
+        .unwrap();
+    h.wait_caught_up(&mut relay, Duration::from_secs(180)).await;
+    let m = Harness::metrics(&env).await;
+    let waits = sample(&m, "relay_kafka_queue_full_total{relay=\"cdc\"}").unwrap_or(0.0);
+    let reconnects = sample(&m, "relay_reconnects_total{component=\"kafka\"}")
+        .expect("the reconnect series exists from the start");
+    assert!(
+        relay
+            .terminate(Duration::from_secs(20))
+            .expect("exit")
+            .success(),
+        "{}",
+        relay.log_text()
+    );
+    let t = h.tally(&LoadState::default()).await;
+    eprintln!("backpressure: {t:?}, {waits} waits on a full queue");
+    assert!(waits > 0.0, "the producer queue never filled: {m}");
+    assert_eq!(reconnects, 0.0, "a full queue made the relay reconnect");
+    assert_eq!(t.expected, 20_000);
+    assert_eq!((t.lost, t.duplicates, t.out_of_order), (0, 0, 0), "{t:?}");
+    assert_eq!(t.delivered, 20_000);
+}
+
 /// One transaction of 100,000 outbox rows, relayed exactly once with protocol 1 (passed through
 /// as it is decoded) and protocol 2 (streamed by Postgres before it commits, buffered and spilled
 /// by the relay), without the relay's memory growing with the transaction.
