@@ -120,6 +120,14 @@ pub enum CdcError {
     SlotInUse { slot: String, pid: String },
     #[error("replication slot {0:?} does not exist and cdc.create_slot is false; create it or set cdc.create_slot = true")]
     SlotMissing(String),
+    #[error("replication slot {slot:?} does not exist, but the relay's checkpoint in Kafka is at {checkpoint}: the slot was dropped, and events committed after {checkpoint} may not have been relayed. Not creating a new slot, which would start after them. See RUNBOOK.md, 'Lost slot'")]
+    SlotDropped { slot: String, checkpoint: Lsn },
+    #[error("replication slot {slot:?} is confirmed at {slot_lsn}, past the relay's checkpoint in Kafka at {checkpoint}: something else confirmed this slot (another reader, pg_replication_slot_advance, or the slot was re-created), and the events in between cannot be read from it any more. See RUNBOOK.md, 'Lost slot'")]
+    SlotAhead {
+        slot: String,
+        slot_lsn: Lsn,
+        checkpoint: Lsn,
+    },
     #[error("replication slot {0:?} was invalidated (wal_status = lost): Postgres removed WAL it still needed, because the slot fell behind by more than max_slot_wal_keep_size. See RUNBOOK.md, 'Lost slot'")]
     SlotLost(String),
     #[error("publication {publication:?} does not publish {table}; run: ALTER PUBLICATION {publication} ADD TABLE {table}")]
@@ -207,6 +215,73 @@ pub async fn run(
             }
         }
     }
+}
+
+/// What `relay reset-checkpoint` did.
+#[derive(Debug)]
+pub struct Reset {
+    /// The checkpoint replaced, if there was one.
+    pub previous: Option<Checkpoint>,
+    /// The checkpoint written: the slot's confirmed position on this server.
+    pub current: Checkpoint,
+    /// Whether the slot was missing and has been created.
+    pub created_slot: bool,
+}
+
+/// Moves the CDC relay's checkpoint to the slot's confirmed position (creating the slot if it
+/// is missing): the operator's explicit acknowledgement that events between the two positions
+/// will not be relayed from WAL (after a dropped, lost or re-created slot, or a restored
+/// primary). Writes the checkpoint in a Kafka transaction with the relay's transactional id, so
+/// a relay still running is fenced (it exits 1).
+pub async fn reset_checkpoint(
+    settings: &CdcSettings,
+    metrics: &Metrics,
+) -> Result<Reset, CdcError> {
+    let health = Health::new();
+    let shutdown = Shutdown::new();
+    let mut session = Session::new(settings, metrics, &health, &shutdown);
+    let mut sql = ReplicationClient::connect(&settings.postgres).await?;
+    let ident = sql.identify_system().await?;
+    session.system_id = ident.system_id;
+    session.timeline = ident.timeline;
+    let slot = session.preflight(&mut sql).await?;
+    let (position, created_slot) = match slot {
+        Some(lsn) => (lsn, false),
+        None => {
+            let created = sql
+                .create_logical_slot(&settings.slot, "pgoutput", false, SnapshotAction::NoExport)
+                .await?;
+            (created.consistent_point, true)
+        }
+    };
+    let key = checkpoint::cdc_key(&settings.slot);
+    let backend = KafkaBackend::new(settings.kafka.clone(), tokio::runtime::Handle::current());
+    let (sink, previous) = Sink::start(backend, key.clone()).await?;
+    let current = Checkpoint {
+        relay: key,
+        system_id: ident.system_id,
+        timeline: ident.timeline,
+        commit_lsn: position.0,
+        end_lsn: position.0,
+        events_total: previous.as_ref().map_or(0, |p| p.events_total),
+        written_at_us: unix_micros(SystemTime::now()),
+        ..Checkpoint::default()
+    };
+    let result = match sink.commit(current.clone()).await {
+        Ok(reply) => match reply.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(CdcError::Sink(SinkError::Stopped)),
+        },
+        Err(e) => Err(e.into()),
+    };
+    sink.close().await;
+    sql.close().await;
+    result.map(|()| Reset {
+        previous,
+        current,
+        created_slot,
+    })
 }
 
 /// A WAL transaction being received.
@@ -323,15 +398,22 @@ impl<'a> Session<'a> {
         let ident = sql.identify_system().await?;
         self.system_id = ident.system_id;
         self.timeline = ident.timeline;
-        let slot_confirmed = self.preflight(&mut sql).await?;
+        let slot = self.preflight(&mut sql).await?;
 
         let key = checkpoint::cdc_key(&s.slot);
         let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
         backend = backend.with_queue_full_counter(self.metrics.kafka_queue_full(RelayKind::Cdc));
         let (sink, checkpoint) = Sink::start(backend, key.clone()).await?;
-        let result = self
-            .stream(&mut sql, &sink, checkpoint, slot_confirmed, key)
-            .await;
+        let result = match self
+            .slot_position(&mut sql, slot, checkpoint.as_ref())
+            .await
+        {
+            Ok(slot_confirmed) => {
+                self.stream(&mut sql, &sink, checkpoint, slot_confirmed, key)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             // The open Kafka transaction (if any) dies with the producer; nothing was confirmed
             // past the last committed checkpoint.
@@ -344,9 +426,51 @@ impl<'a> Session<'a> {
         result
     }
 
-    /// Checks the server and the slot; creates the publication and the slot where missing.
-    /// Returns the slot's confirmed flush LSN.
-    async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Lsn, CdcError> {
+    /// Where streaming can start, given the slot (its confirmed LSN, `None` if it does not exist)
+    /// and the relay's checkpoint. A missing slot is created only when there is no checkpoint:
+    /// with one, the slot was dropped, and a new slot would start after events that may never
+    /// have been relayed. A slot confirmed past the checkpoint was moved by something else; the
+    /// events in between cannot be read from it. Both are refused rather than skipped.
+    async fn slot_position(
+        &mut self,
+        sql: &mut ReplicationClient,
+        slot: Option<Lsn>,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Lsn, CdcError> {
+        let s = self.s;
+        if let Some(cp) = checkpoint {
+            if cp.system_id != self.system_id {
+                return Err(CdcError::SystemMismatch {
+                    checkpoint: cp.system_id,
+                    server: self.system_id,
+                });
+            }
+        }
+        match (slot, checkpoint) {
+            (Some(confirmed), Some(cp)) if confirmed > cp.end_lsn() => Err(CdcError::SlotAhead {
+                slot: s.slot.clone(),
+                slot_lsn: confirmed,
+                checkpoint: cp.end_lsn(),
+            }),
+            (Some(confirmed), _) => Ok(confirmed),
+            (None, Some(cp)) => Err(CdcError::SlotDropped {
+                slot: s.slot.clone(),
+                checkpoint: cp.end_lsn(),
+            }),
+            (None, _) if !s.create_slot => Err(CdcError::SlotMissing(s.slot.clone())),
+            (None, _) => {
+                let created = sql
+                    .create_logical_slot(&s.slot, "pgoutput", false, SnapshotAction::NoExport)
+                    .await?;
+                tracing::info!(slot = %s.slot, lsn = %created.consistent_point, "created replication slot");
+                Ok(created.consistent_point)
+            }
+        }
+    }
+
+    /// Checks the server and the slot; creates the publication where missing. Returns the
+    /// slot's confirmed flush LSN, or `None` if the slot does not exist.
+    async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Option<Lsn>, CdcError> {
         let s = self.s;
         let wal_level = one_value(sql, "SHOW wal_level").await?;
         if wal_level != "logical" {
@@ -400,14 +524,7 @@ impl<'a> Session<'a> {
             ))
             .await?;
         let Some(row) = rows.first() else {
-            if !s.create_slot {
-                return Err(CdcError::SlotMissing(s.slot.clone()));
-            }
-            let created = sql
-                .create_logical_slot(&s.slot, "pgoutput", false, SnapshotAction::NoExport)
-                .await?;
-            tracing::info!(slot = %s.slot, lsn = %created.consistent_point, "created replication slot");
-            return Ok(created.consistent_point);
+            return Ok(None);
         };
         let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let (plugin, database, active_pid, confirmed, wal_status, current_db) =
@@ -436,6 +553,7 @@ impl<'a> Session<'a> {
         }
         confirmed
             .parse::<Lsn>()
+            .map(Some)
             .map_err(|e| CdcError::Unexpected(format!("confirmed_flush_lsn: {e}")))
     }
 
@@ -449,20 +567,8 @@ impl<'a> Session<'a> {
     ) -> Result<(), CdcError> {
         let s = self.s;
         let resume = match checkpoint {
+            // `slot_position` has checked the system id and that the slot is not ahead.
             Some(cp) => {
-                if cp.system_id != self.system_id {
-                    return Err(CdcError::SystemMismatch {
-                        checkpoint: cp.system_id,
-                        server: self.system_id,
-                    });
-                }
-                if cp.end_lsn() < slot_confirmed {
-                    tracing::warn!(
-                        checkpoint = %cp.end_lsn(), slot = %slot_confirmed,
-                        "the slot is confirmed past the relay's checkpoint: transactions between them \
-                         were confirmed by another reader of this slot and are not re-read"
-                    );
-                }
                 self.resume_floor = cp.end_lsn();
                 self.committed = cp;
                 self.resume_floor.max(slot_confirmed)

@@ -50,6 +50,19 @@ enum Command {
     /// not, printing every problem found on stderr, one per line, each naming its key.
     CheckConfig,
 
+    /// Move the CDC relay's checkpoint to the replication slot's confirmed position, creating
+    /// the slot if it is missing. For recovery only, with the relay stopped (a running relay is
+    /// fenced and exits 1).
+    ///
+    /// `relay cdc` refuses to start when its slot was dropped while a checkpoint exists, when
+    /// the slot is confirmed past the checkpoint, or when the checkpoint comes from another
+    /// Postgres cluster: in each case events may be missing and only the operator can decide.
+    /// This command records that decision: events committed between the old checkpoint and the
+    /// slot's position are not relayed from WAL. It prints both positions and the old
+    /// checkpoint's time; re-publish the outbox rows created since then (see RUNBOOK.md, 'Lost
+    /// slot'; consumers deduplicate on event_id).
+    ResetCheckpoint,
+
     /// Apply the schema migrations (outbox, publication, dedup table, demo orders). Idempotent.
     Migrate {
         /// Postgres connection URL, e.g. postgres://user@127.0.0.1:55432/db
@@ -64,6 +77,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
         Command::Cdc => run_cdc(cli.config.as_deref()).await,
+        Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
             println!("applied {n} migration(s)");
@@ -170,6 +184,48 @@ impl Daemon {
     async fn stop(self) {
         self.shutdown.trigger();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server.task).await;
+    }
+}
+
+async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    relay::telemetry::init(cfg.log.format, &cfg.log.level)?;
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let metrics = Metrics::new()?;
+    match relay::cdc::reset_checkpoint(&settings, &metrics).await {
+        Ok(reset) => {
+            if reset.created_slot {
+                println!("created replication slot {}", settings.slot);
+            }
+            match &reset.previous {
+                Some(p) => println!(
+                    "checkpoint {} moved from {} (system {}, written at {} µs since the epoch) to {}",
+                    reset.current.relay,
+                    p.end_lsn(),
+                    p.system_id,
+                    p.written_at_us,
+                    reset.current.end_lsn()
+                ),
+                None => println!(
+                    "checkpoint {} written at {} (there was none)",
+                    reset.current.relay,
+                    reset.current.end_lsn()
+                ),
+            }
+            println!(
+                "events committed before {} and not relayed by then are not read from WAL: \
+                 re-publish the outbox rows created since the old checkpoint's time",
+                reset.current.end_lsn()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

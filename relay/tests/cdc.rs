@@ -523,6 +523,177 @@ async fn exactly_once_across_a_broker_restart() {
     drop(broker);
 }
 
+/// Inserts one outbox row for aggregate `agg` (payload `{"seq": 1}`); returns its event id.
+async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    c.execute(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'order', $2, 'Placed', '{\"seq\": 1}')",
+        &[&id, &agg],
+    )
+    .await
+    .expect("insert outbox row");
+    id
+}
+
+impl Harness {
+    /// How many records of the `order` topic carry `id` (read_committed).
+    async fn copies_of(&self, id: uuid::Uuid) -> usize {
+        kafka::read_all_from(
+            &self.bootstrap,
+            &format!("{}.order", self.prefix),
+            Isolation::ReadCommitted,
+        )
+        .await
+        .iter()
+        .filter(|r| r.header("event_id") == Some(id.to_string().as_str()))
+        .count()
+    }
+
+    /// Runs the relay until it has relayed what is committed, then stops it (exit 0).
+    async fn run_until_caught_up(&self) {
+        let mut relay = self.spawn();
+        self.wait_caught_up(&mut relay, Duration::from_secs(60))
+            .await;
+        let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+        assert!(st.success(), "{}", relay.log_text());
+    }
+
+    /// Starts `relay cdc` and expects it to exit 1 by itself with a log containing `needle`.
+    fn expect_refusal(&self, needle: &str) {
+        let mut relay = self.spawn();
+        let st = relay
+            .wait_exit(Duration::from_secs(60))
+            .expect("the relay exits by itself");
+        let log = relay.log_text();
+        assert_eq!(st.code(), Some(1), "{log}");
+        assert!(log.contains(needle), "no {needle:?} in:\n{log}");
+        assert!(log.contains(&self.slot), "the slot is not named:\n{log}");
+    }
+}
+
+/// A slot dropped while the relay was stopped: the relay refuses to start (exit 1, naming the
+/// slot and its checkpoint) instead of creating a new slot that would begin after events it never
+/// relayed. `relay reset-checkpoint` records the operator's decision; then the relay runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_slot_is_refused_until_the_checkpoint_is_reset() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let c = h.client().await;
+    let first = insert_event(&c, "a-1").await;
+    h.run_until_caught_up().await;
+
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&h.slot])
+        .await
+        .unwrap();
+    insert_event(&c, "a-2").await;
+    h.expect_refusal("does not exist, but the relay's checkpoint in Kafka is at");
+    let slots: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&h.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the refusing relay created a slot");
+
+    let mut reset = RelayProc::spawn(&["reset-checkpoint"], &h.env());
+    let st = reset.wait_exit(Duration::from_secs(60)).expect("exits");
+    let out = reset.log_text();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("created replication slot"), "{out}");
+    assert!(out.contains("moved from"), "{out}");
+
+    let after = insert_event(&c, "a-3").await;
+    h.run_until_caught_up().await;
+    assert_eq!(h.copies_of(first).await, 1);
+    assert_eq!(
+        h.copies_of(after).await,
+        1,
+        "the relay runs after the reset"
+    );
+}
+
+/// A slot confirmed past the relay's checkpoint (here by `pg_replication_slot_advance`) is
+/// refused: the events in between cannot be read from it any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_moved_past_the_checkpoint_is_refused() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let c = h.client().await;
+    insert_event(&c, "m-1").await;
+    h.run_until_caught_up().await;
+    insert_event(&c, "m-2").await;
+    c.execute(
+        "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+        &[&h.slot],
+    )
+    .await
+    .unwrap();
+    h.expect_refusal("past the relay's checkpoint in Kafka");
+}
+
+/// A slot of another output plugin is refused with a message naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_of_another_plugin_is_refused() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.client()
+        .await
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&h.slot],
+        )
+        .await
+        .unwrap();
+    h.expect_refusal("uses the output plugin \\\"test_decoding\\\"");
+}
+
+/// A slot another reader holds: the relay says so and retries (it does not exit), then streams
+/// once the slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_in_use_is_waited_for() {
+    use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let cfg = ReplicationConfig::from_url(&h.db_url).unwrap();
+    let holder = ReplicationClient::connect(&cfg)
+        .await
+        .unwrap()
+        .start_replication(
+            &h.slot,
+            relay::replication::Lsn::INVALID,
+            StartOptions::new(vec!["outbox_pub".into()]),
+        )
+        .await
+        .unwrap();
+    let mut relay = h.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !relay.log_text().contains("is in use by process") {
+        assert!(
+            relay.try_status().is_none(),
+            "exited:\n{}",
+            relay.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no in-use message:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.finish().await.unwrap();
+    let id = insert_event(&h.client().await, "u-1").await;
+    h.wait_caught_up(&mut relay, Duration::from_secs(90)).await;
+    let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+    assert!(st.success(), "{}", relay.log_text());
+    assert_eq!(h.copies_of(id).await, 1);
+}
+
 /// The value of a sample line `name{labels} value` in a metrics text, if present.
 fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
     metrics

@@ -373,6 +373,19 @@ impl RelayProc {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (it is killed after that).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.try_status() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+
     /// The exit status if the process has ended.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         self.child
