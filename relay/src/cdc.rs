@@ -291,6 +291,8 @@ struct WalTxn {
     commit_ts_us: i64,
     /// Already in Kafka (commit LSN below the checkpoint): drop its changes.
     skip: bool,
+    /// Records made of it so far.
+    records: usize,
 }
 
 /// The contents of the open (not yet committed) Kafka transaction.
@@ -868,6 +870,7 @@ impl<'a> Session<'a> {
                     commit_lsn: final_lsn,
                     commit_ts_us: commit_time.to_unix_micros(),
                     skip,
+                    records: 0,
                 });
             }
             TxnEvent::Change(change) => {
@@ -879,6 +882,9 @@ impl<'a> Session<'a> {
                 }
                 let (xid, lsn, ts) = (txn.xid, txn.commit_lsn, txn.commit_ts_us);
                 if let Some(record) = self.map_change(change, xid, lsn, ts)? {
+                    if let Some(txn) = &mut self.current {
+                        txn.records += 1;
+                    }
                     self.batch.events += 1;
                     self.batch.bytes += record.size();
                     self.pending.push(record);
@@ -899,6 +905,16 @@ impl<'a> Session<'a> {
                 let Some(txn) = self.current.take() else {
                     return Ok(());
                 };
+                // One line per WAL transaction at debug level: with the checkpoints, it tells
+                // which Kafka transaction carried which WAL transaction.
+                tracing::debug!(
+                    xid = txn.xid,
+                    commit_lsn = %commit_lsn,
+                    end_lsn = %end_lsn,
+                    records = txn.records,
+                    skip = txn.skip,
+                    "wal transaction"
+                );
                 if txn.skip {
                     self.metrics.skipped_transactions().inc();
                     return Ok(());

@@ -48,7 +48,9 @@ impl Harness {
             .set("RELAY_OUTBOX__TOPIC_PARTITIONS", "3")
             .set("RELAY_KAFKA__DLQ_TOPIC", format!("{}.dlq", self.prefix))
             .set("RELAY_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
-            .set("RELAY_SHUTDOWN__TIMEOUT", "10s");
+            .set("RELAY_SHUTDOWN__TIMEOUT", "10s")
+            // Every WAL transaction and Kafka commit is logged: a miss can be traced.
+            .set("RELAY_LOG__LEVEL", "info,relay::cdc=debug");
         e
     }
 
