@@ -211,47 +211,93 @@ impl KafkaBackend {
     }
 }
 
-/// Records handed to librdkafka and not yet reported delivered (or failed).
+/// Delivery reports of the open transaction: how many of its records librdkafka has not yet
+/// reported, and how many it reported failed. Each record carries the transaction's generation
+/// as its delivery opaque, so late reports of an aborted transaction's records (purged by the
+/// abort) never count against the next one.
 #[derive(Default)]
 struct Deliveries {
-    outstanding: Mutex<u64>,
+    state: Mutex<DeliveryState>,
     done: Condvar,
 }
 
+#[derive(Default)]
+struct DeliveryState {
+    generation: usize,
+    outstanding: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
 impl Deliveries {
-    /// Called before the record is handed to librdkafka (whose report may come at once);
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The generation to tag the open transaction's records with.
+    fn generation(&self) -> usize {
+        self.lock().generation
+    }
+
+    /// Called before a record is handed to librdkafka (whose report may come at once);
     /// `unsent` undoes it when the handover fails.
     fn sent(&self) {
-        *self.outstanding.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.lock().outstanding += 1;
     }
 
     fn unsent(&self) {
-        self.delivered();
-    }
-
-    fn delivered(&self) {
-        let mut n = self.outstanding.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+        let mut st = self.lock();
+        st.outstanding = st.outstanding.saturating_sub(1);
+        if st.outstanding == 0 {
             self.done.notify_all();
         }
     }
 
+    /// A delivery report for a record of transaction `generation`; `error` if it failed.
+    fn delivered(&self, generation: usize, error: Option<String>) {
+        let mut st = self.lock();
+        if st.generation != generation {
+            return;
+        }
+        if let Some(e) = error {
+            st.failed += 1;
+            st.first_error.get_or_insert(e);
+        }
+        st.outstanding = st.outstanding.saturating_sub(1);
+        if st.outstanding == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// The transaction ended (committed or aborted): the next one starts from zero.
     fn reset(&self) {
-        *self.outstanding.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        let mut st = self.lock();
+        st.generation = st.generation.wrapping_add(1);
+        st.outstanding = 0;
+        st.failed = 0;
+        st.first_error = None;
         self.done.notify_all();
+    }
+
+    /// Records of the open transaction reported failed, with the first error.
+    fn failures(&self) -> Option<(u64, String)> {
+        let st = self.lock();
+        (st.failed > 0).then(|| (st.failed, st.first_error.clone().unwrap_or_default()))
     }
 
     /// Waits until every record sent has been reported, or `timeout`.
     fn wait_all(&self, timeout: Duration) {
-        let n = self.outstanding.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.done.wait_timeout_while(n, timeout, |n| *n > 0);
+        let st = self.lock();
+        let _ = self
+            .done
+            .wait_timeout_while(st, timeout, |st| st.outstanding > 0);
     }
 }
 
 /// The producer's context: counts delivery reports (the producer's own thread serves them).
-/// Failed deliveries need no handling here: `commit_transaction` fails if any record of the
-/// transaction failed.
+/// A failed delivery fails the transaction's commit: librdkafka's `commit_transaction` checks
+/// that too, and the sink checks it itself before committing, so that no path of librdkafka's
+/// (a record failed before it had a partition, say) can let a transaction commit without it.
 struct SinkContext {
     deliveries: Arc<Deliveries>,
 }
@@ -259,10 +305,12 @@ struct SinkContext {
 impl rdkafka::client::ClientContext for SinkContext {}
 
 impl rdkafka::producer::ProducerContext for SinkContext {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, _result: &rdkafka::message::DeliveryResult<'_>, _opaque: ()) {
-        self.deliveries.delivered();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, generation: usize) {
+        // The error only: never the record (it holds the payload).
+        let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        self.deliveries.delivered(generation, error);
     }
 }
 
@@ -381,7 +429,7 @@ impl Backend for KafkaBackend {
                 value: Some(&v[..]),
             });
         }
-        let mut record = BaseRecord::to(&r.topic)
+        let mut record = BaseRecord::with_opaque_to(&r.topic, self.deliveries.generation())
             .key(&r.key[..])
             .payload(&r.value[..])
             .headers(headers);
@@ -414,7 +462,7 @@ impl Backend for KafkaBackend {
             Err(KafkaError::Transaction(te)) if te.code() == RDKafkaErrorCode::State => {}
             Err(e) => return Err(classify("begin_transaction", e)),
         }
-        let record = BaseRecord::to(&topic)
+        let record = BaseRecord::with_opaque_to(&topic, self.deliveries.generation())
             .partition(0)
             .key(&key)
             .payload(&value);
@@ -442,6 +490,19 @@ impl Backend for KafkaBackend {
         // serves at once, signalling `deliveries`) leaves nothing to flush and removes 100 ms from
         // every commit.
         self.deliveries.wait_all(CALL_TIMEOUT);
+        if let Some((n, error)) = self.deliveries.failures() {
+            // A fenced (or otherwise dead) producer purges its queue: that is the fatal error,
+            // not an abortable one.
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                return Err(SinkError::Fatal(format!("commit: {code:?}: {reason}")));
+            }
+            tracing::warn!(failed = n, error = %error, "records of the transaction failed delivery; aborting it");
+            let _ = producer.abort_transaction(CALL_TIMEOUT);
+            self.deliveries.reset();
+            return Err(SinkError::Aborted(format!(
+                "{n} record(s) of the transaction failed delivery, the first with: {error}"
+            )));
+        }
         // The report callback runs just before librdkafka releases the message; wait out that
         // instant too, or the flush would see it outstanding and poll for 100 ms.
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -451,7 +512,10 @@ impl Backend for KafkaBackend {
         let mut attempt = 0;
         loop {
             match producer.commit_transaction(CALL_TIMEOUT) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.deliveries.reset();
+                    return Ok(());
+                }
                 Err(e) if is_retriable(&e) && attempt < 5 => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "commit_transaction retriable error; retrying");
@@ -482,5 +546,53 @@ impl Backend for KafkaBackend {
         // Aborting purges what was not delivered: nothing of that transaction is awaited any more.
         self.deliveries.reset();
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Deliveries;
+    use std::time::Duration;
+
+    #[test]
+    fn a_failed_delivery_is_counted_against_its_own_transaction_only() {
+        let d = Deliveries::default();
+        let old = d.generation();
+        d.sent();
+        d.sent();
+        // The transaction is aborted with both records outstanding; their late reports (purged)
+        // must not count against the next transaction.
+        d.reset();
+        let new = d.generation();
+        assert_ne!(old, new);
+        d.sent();
+        d.delivered(old, Some("purged".into()));
+        d.delivered(old, Some("purged".into()));
+        assert!(d.failures().is_none());
+        d.delivered(new, None);
+        d.wait_all(Duration::from_millis(1));
+        assert_eq!(d.lock().outstanding, 0);
+
+        d.sent();
+        d.sent();
+        d.delivered(new, Some("Message production error: UnknownTopic".into()));
+        d.delivered(new, Some("second".into()));
+        let (n, first) = d.failures().expect("failures counted");
+        assert_eq!(n, 2);
+        assert!(first.contains("UnknownTopic"), "{first}");
+        d.reset();
+        assert!(d.failures().is_none());
+    }
+
+    #[test]
+    fn wait_all_returns_once_everything_is_reported() {
+        let d = std::sync::Arc::new(Deliveries::default());
+        let g = d.generation();
+        d.sent();
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || d2.delivered(g, None));
+        d.wait_all(Duration::from_secs(10));
+        t.join().unwrap();
+        assert_eq!(d.lock().outstanding, 0);
     }
 }
