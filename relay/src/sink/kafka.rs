@@ -364,8 +364,19 @@ impl rdkafka::producer::ProducerContext for SinkContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, generation: usize) {
-        // The error only: never the record (it holds the payload).
-        let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        // The error only: never the record (it holds the payload). A success without an offset
+        // is librdkafka acknowledging a record implicitly, because a later batch of the
+        // partition succeeded; its own append was never confirmed, so it fails the transaction
+        // too (an abort and a retry cost little; a lost event is not acceptable).
+        let error = match result {
+            Err((e, _)) => Some(e.to_string()),
+            Ok(m) if m.offset() < 0 => Some(format!(
+                "acknowledged without an offset on {} [{}]: its append was not confirmed",
+                m.topic(),
+                m.partition()
+            )),
+            Ok(_) => None,
+        };
         self.deliveries.delivered(generation, error);
     }
 }
