@@ -273,6 +273,22 @@ impl Harness {
         t
     }
 
+    /// The end of a single-relay load test: stop the writers, settle, and assert that every
+    /// committed event arrived exactly once, in per-key order.
+    async fn finish(
+        &self,
+        relay: &mut RelayProc,
+        state: &LoadState,
+        writers: Vec<tokio::task::JoinHandle<()>>,
+        timeout: Duration,
+        what: &str,
+    ) {
+        stop_writers(state, writers).await;
+        let log = relay.log.clone();
+        let t = self.settle(relay, timeout, state, &[log]).await;
+        assert_exactly_once(&t, what);
+    }
+
     async fn tally(&self, state: &LoadState) -> Tally {
         let rolled_back = state.rolled_back.lock().unwrap().clone();
         outbox_load::tally(&self.db_url, &self.bootstrap, &self.topics(), &rolled_back).await
@@ -420,12 +436,14 @@ async fn exactly_once_across_postgres_restarts() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop_writers(&state, writers).await;
-    let log = relay.log.clone();
-    let t = h
-        .settle(&mut relay, Duration::from_secs(120), &state, &[log])
-        .await;
-    assert_exactly_once(&t, "Postgres restarts");
+    h.finish(
+        &mut relay,
+        &state,
+        writers,
+        Duration::from_secs(120),
+        "Postgres restarts",
+    )
+    .await;
     drop(pg);
 }
 
@@ -492,12 +510,14 @@ async fn postgres_fast_shutdown_is_not_held_up_by_an_idle_relay() {
     // The relay reconnects by itself; what is written now arrives too, exactly once.
     let writers = writers_on(&url, 2..4, &state);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_writers(&state, writers).await;
-    let log = relay.log.clone();
-    let t = h
-        .settle(&mut relay, Duration::from_secs(120), &state, &[log])
-        .await;
-    assert_exactly_once(&t, "fast shutdown with an idle relay");
+    h.finish(
+        &mut relay,
+        &state,
+        writers,
+        Duration::from_secs(120),
+        "fast shutdown with an idle relay",
+    )
+    .await;
     drop(pg);
 }
 
@@ -520,12 +540,14 @@ async fn exactly_once_across_a_broker_restart() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop_writers(&state, writers).await;
-    let log = relay.log.clone();
-    let t = h
-        .settle(&mut relay, Duration::from_secs(180), &state, &[log])
-        .await;
-    assert_exactly_once(&t, "broker restart");
+    h.finish(
+        &mut relay,
+        &state,
+        writers,
+        Duration::from_secs(180),
+        "broker restart",
+    )
+    .await;
     drop(broker);
 }
 
