@@ -202,11 +202,11 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
             }
             match &reset.previous {
                 Some(p) => println!(
-                    "checkpoint {} moved from {} (system {}, written at {} µs since the epoch) to {}",
+                    "checkpoint {} moved from {} (system {}, written at {}) to {}",
                     reset.current.relay,
                     p.end_lsn(),
                     p.system_id,
-                    p.written_at_us,
+                    written_at(p.written_at_us),
                     reset.current.end_lsn()
                 ),
                 None => println!(
@@ -226,6 +226,17 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
             eprintln!("error: {e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// A checkpoint's `written_at_us` as RFC 3339 UTC, for the operator who re-publishes from it.
+fn written_at(us: i64) -> String {
+    match u64::try_from(us) {
+        Ok(us) => {
+            let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
+            humantime_serde::re::humantime::format_rfc3339_micros(t).to_string()
+        }
+        Err(_) => format!("{us} µs since the epoch"),
     }
 }
 

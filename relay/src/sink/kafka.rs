@@ -241,7 +241,21 @@ impl KafkaBackend {
             }
             match consumer.poll(Duration::from_millis(500)) {
                 None => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                // The end is the end offset read before starting (after init_transactions has
+                // settled the topic), not merely the first EOF event: a checkpoint older than
+                // the latest would now make the relay refuse its slot as "confirmed past the
+                // checkpoint", so the read must not stop short.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    let reached = consumer
+                        .position()
+                        .ok()
+                        .and_then(|tpl| tpl.find_partition(topic, 0).map(|p| p.offset()))
+                        .and_then(|o| o.to_raw())
+                        .unwrap_or(-1);
+                    if reached >= high {
+                        break;
+                    }
+                }
                 Some(Err(e)) => {
                     return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
                 }
