@@ -384,56 +384,7 @@ impl CdcConfig {
     }
 }
 
-/// Which column names the outbox table uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ColumnSet {
-    /// This project's schema (`migrations/`).
-    #[default]
-    Native,
-    /// Debezium's outbox table, so a team can switch relays without a migration.
-    Debezium,
-}
-
-/// The outbox columns that carry an event, by role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ColumnNames {
-    /// The dedup key consumers use.
-    pub event_id: &'static str,
-    /// Routes to a topic.
-    pub aggregate_type: &'static str,
-    /// The Kafka key.
-    pub aggregate_id: &'static str,
-    /// The event's type header.
-    pub event_type: &'static str,
-    /// The Kafka value.
-    pub payload: &'static str,
-    /// Extra Kafka headers (a JSON object), if the schema has them.
-    pub headers: Option<&'static str>,
-}
-
-impl ColumnSet {
-    /// The column names for this set.
-    pub fn names(self) -> ColumnNames {
-        match self {
-            ColumnSet::Native => ColumnNames {
-                event_id: "event_id",
-                aggregate_type: "aggregate_type",
-                aggregate_id: "aggregate_id",
-                event_type: "event_type",
-                payload: "payload",
-                headers: Some("headers"),
-            },
-            ColumnSet::Debezium => ColumnNames {
-                event_id: "id",
-                aggregate_type: "aggregatetype",
-                aggregate_id: "aggregateid",
-                event_type: "type",
-                payload: "payload",
-                headers: None,
-            },
-        }
-    }
-}
+pub use crate::outbox::{ColumnNames, ColumnSet, AGGREGATE_TYPE_PLACEHOLDER};
 
 /// Declares the string form of a config enum, with an error message that lists the choices
 /// (the config crate's own one names Rust types, which means nothing to an operator).
@@ -500,9 +451,6 @@ impl Default for OutboxConfig {
         }
     }
 }
-
-/// The placeholder `outbox.topic_template` must contain.
-pub const AGGREGATE_TYPE_PLACEHOLDER: &str = "{aggregate_type}";
 
 impl OutboxConfig {
     /// The topic for an aggregate type.

@@ -15,8 +15,9 @@
 //! The server stops accepting when [`Shutdown`] triggers and finishes in-flight requests.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -38,6 +39,9 @@ pub struct Health {
 struct Flags {
     healthy: AtomicBool,
     ready: AtomicBool,
+    /// When the relay loop last went round, in milliseconds since `born`.
+    progress_ms: AtomicU64,
+    born: Instant,
 }
 
 impl Default for Health {
@@ -53,6 +57,8 @@ impl Health {
             inner: Arc::new(Flags {
                 healthy: AtomicBool::new(true),
                 ready: AtomicBool::new(false),
+                progress_ms: AtomicU64::new(0),
+                born: Instant::now(),
             }),
         }
     }
@@ -78,6 +84,27 @@ impl Health {
     /// See [`Health::set_healthy`].
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The relay loop went round once (it handled a message, a commit, a tick). Called on
+    /// every iteration of a streaming loop, so a loop wedged inside one step stops calling it.
+    pub fn progress(&self) {
+        let ms = self.inner.born.elapsed().as_millis() as u64;
+        self.inner.progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the loop last went round (since start-up if it never did).
+    pub fn since_progress(&self) -> Duration {
+        let now = self.inner.born.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.inner.progress_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the systemd watchdog may be fed: the relay is healthy and, while streaming
+    /// (ready), its loop went round within `interval`. While not ready (connecting, backing off,
+    /// draining) every step is bounded by its own timeout, so only an unhealthy relay starves
+    /// the watchdog there; a streaming loop stuck in one step (a hung call, a deadlock) does.
+    pub fn watchdog_ok(&self, interval: Duration) -> bool {
+        self.is_healthy() && (!self.is_ready() || self.since_progress() < interval)
     }
 }
 

@@ -5,7 +5,9 @@
 //! ```text
 //!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config
 //!     │
-//!  cdc / polling               the two relays, side by side
+//!  cdc / poll                  the two relays, side by side (neither imports the other)
+//!     │
+//!  pipeline                    batching, commit in flight, checkpoint, DLQ records, reconnects
 //!     │
 //!  replication  outbox  sink  checkpoint   Postgres protocol; envelope; Kafka; progress record
 //!     │
@@ -19,6 +21,7 @@ pub mod health;
 pub mod metrics;
 pub mod migrate;
 pub mod outbox;
+pub mod pipeline;
 pub mod replication;
 pub mod shutdown;
 pub mod sink;

@@ -146,8 +146,9 @@ impl Daemon {
         )
         .await?;
         tracing::info!(listen = %server.local_addr, "serving /metrics, /healthz, /readyz");
-        // systemd: READY=1 once the relay first reports ready; the watchdog is pinged while the
-        // relay reports healthy (a relay that gave up stops pinging and systemd restarts it).
+        // systemd: READY=1 once the relay first reports ready; the watchdog is pinged every half
+        // WatchdogSec while the relay is healthy and its loop makes progress (a relay that gave
+        // up, or whose loop is wedged, stops pinging and systemd restarts it).
         let (h, s) = (health.clone(), shutdown.clone());
         tokio::spawn(async move {
             let mut notified = false;
@@ -165,7 +166,9 @@ impl Daemon {
                     notified = true;
                 }
                 if let Some(every) = watchdog {
-                    if h.is_healthy() && last_ping.elapsed() >= every {
+                    // Fed only while the loop makes progress (see Health::watchdog_ok): a
+                    // streaming loop wedged for the whole interval is restarted by systemd.
+                    if last_ping.elapsed() >= every && h.watchdog_ok(every) {
                         relay::systemd::watchdog_ping();
                         last_ping = std::time::Instant::now();
                     }

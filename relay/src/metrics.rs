@@ -15,7 +15,7 @@
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::RelayKind;
@@ -37,7 +37,9 @@ pub mod names {
     pub const KAFKA_COMMIT_SECONDS: &str = "relay_kafka_commit_seconds";
     /// The LSN last confirmed to Postgres (as a float: exact up to 2^53 bytes of WAL).
     pub const CONFIRMED_LSN: &str = "relay_confirmed_lsn";
-    /// Bytes of WAL between the server's current position and the confirmed one.
+    /// Bytes of WAL between the server's WAL end as the walsender last reported it (XLogData
+    /// and keepalives carry it) and the LSN the relay confirmed: the relay's own view, updated
+    /// while streaming. The slot metrics read from `pg_replication_slots` are the authority.
     pub const CHECKPOINT_LAG_BYTES: &str = "relay_checkpoint_lag_bytes";
     /// Reconnections, by component.
     pub const RECONNECTS_TOTAL: &str = "relay_reconnects_total";
@@ -49,6 +51,12 @@ pub mod names {
     pub const SKIPPED_TRANSACTIONS_TOTAL: &str = "relay_skipped_transactions_total";
     /// Times the producer queue was full (backpressure, not an error).
     pub const KAFKA_QUEUE_FULL_TOTAL: &str = "relay_kafka_queue_full_total";
+    /// Records written to the DLQ topic instead of their event (committed), by relay.
+    pub const DLQ_RECORDS_TOTAL: &str = "relay_dlq_records_total";
+    /// Sessions in a row that ended in an error (0 once a session streams again), by relay.
+    pub const CONSECUTIVE_FAILURES: &str = "relay_consecutive_failures";
+    /// Always 1; the labels say which build runs.
+    pub const BUILD_INFO: &str = "relay_build_info";
     /// 1 while the relay loop reports healthy.
     pub const UP: &str = "relay_up";
     /// 1 while the relay is connected to Postgres and Kafka and streaming.
@@ -147,6 +155,8 @@ pub struct Metrics {
     ignored_changes: IntCounterVec,
     skipped_transactions: IntCounter,
     kafka_queue_full: IntCounterVec,
+    dlq_records: IntCounterVec,
+    consecutive_failures: IntGaugeVec,
     up: IntGauge,
     ready: IntGauge,
 }
@@ -224,7 +234,7 @@ impl Metrics {
                 &registry,
                 IntGauge::new(
                     names::CHECKPOINT_LAG_BYTES,
-                    "Bytes of WAL between the server's current LSN and the relay's checkpoint.",
+                    "Bytes of WAL between the server's WAL end as last reported on the replication stream and the LSN the relay confirmed.",
                 )?,
             )?,
             reconnects: counter_vec(
@@ -262,6 +272,22 @@ impl Metrics {
                 "Times the Kafka producer queue was full (backpressure).",
                 relay,
             )?,
+            dlq_records: counter_vec(
+                &registry,
+                names::DLQ_RECORDS_TOTAL,
+                "Records written to the DLQ topic instead of their event (committed).",
+                relay,
+            )?,
+            consecutive_failures: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        names::CONSECUTIVE_FAILURES,
+                        "Sessions in a row that ended in an error; 0 once streaming again.",
+                    ),
+                    relay,
+                )?,
+            )?,
             up: register(
                 &registry,
                 IntGauge::new(names::UP, "1 while the relay loop reports healthy.")?,
@@ -275,6 +301,22 @@ impl Metrics {
             )?,
             registry,
         };
+        let build = register(
+            &m.registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    names::BUILD_INFO,
+                    "Always 1; the labels name the running build.",
+                ),
+                &["version", "rdkafka_version"],
+            )?,
+        )?;
+        build
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                &rdkafka::util::get_rdkafka_version().1,
+            ])
+            .set(1);
         m.init_series();
         Ok(m)
     }
@@ -292,6 +334,8 @@ impl Metrics {
             self.batch_events(relay);
             self.commit_to_kafka_seconds(relay);
             self.kafka_queue_full(relay);
+            self.dlq_records(relay);
+            self.consecutive_failures(relay);
         }
         for &c in Component::ALL {
             self.reconnects(c);
@@ -369,6 +413,17 @@ impl Metrics {
         self.kafka_queue_full.with_label_values(&[relay.as_str()])
     }
 
+    /// `relay_dlq_records_total{relay}`.
+    pub fn dlq_records(&self, relay: RelayKind) -> IntCounter {
+        self.dlq_records.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_consecutive_failures{relay}`.
+    pub fn consecutive_failures(&self, relay: RelayKind) -> IntGauge {
+        self.consecutive_failures
+            .with_label_values(&[relay.as_str()])
+    }
+
     /// Sets `relay_up` and `relay_ready`; the health server does this from the
     /// [`Health`](crate::health::Health) flags at every scrape, so the two cannot disagree.
     pub fn set_up_and_ready(&self, up: bool, ready: bool) {
@@ -434,7 +489,7 @@ mod tests {
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            14,
+            17,
             "every metric is gathered from the start"
         );
         for f in &families {
@@ -470,7 +525,8 @@ mod tests {
             for metric in f.get_metric() {
                 for label in metric.get_label() {
                     assert!(
-                        ["relay", "kind", "outcome", "component"].contains(&label.name()),
+                        ["relay", "kind", "outcome", "component"].contains(&label.name())
+                            || name == names::BUILD_INFO,
                         "{name}: unexpected label {}",
                         label.name()
                     );

@@ -9,11 +9,89 @@
 //! - headers: `event_id`, `event_type`, `aggregate_type`, the source position (`lsn` and `xid`
 //!   for CDC, `txid` and `id` for polling), `commit_ts` (microseconds since the Unix epoch),
 //!   then the row's own `headers` object (its keys may not replace the ones above).
+//!
+//! ## From `aggregate_type` to topic
+//!
+//! The topic is the template with `{aggregate_type}` replaced by the type exactly as written.
+//! A type is never renamed: renaming (`bad type` to `bad_type`, cutting a long type at Kafka's
+//! 249-character limit) would let two types share a topic without a word. A type that cannot
+//! make a valid, unique topic name is a [`TopicError`], and the relays send that row to the DLQ
+//! topic with the reason, so nothing behind it is held up and nothing vanishes quietly:
+//!
+//! - empty;
+//! - a character other than ASCII letters, digits, `.`, `_` and `-`;
+//! - a topic name over 249 characters, or `.` / `..`;
+//! - a name that collides with another topic the relay routes to, where the two differ only in
+//!   `.` versus `_` (Kafka refuses such pairs: their metric names collide).
+//!
+//! Why the DLQ and not a CHECK constraint on the outbox table: a constraint would make the
+//! application's business transaction fail on an event-routing detail, it cannot see
+//! collisions with topics that already exist in Kafka, and it cannot be added to a Debezium-style
+//! outbox table the relay does not own. The DLQ record keeps the row's identity (event id,
+//! aggregate, outbox id, source position, original headers), so it can be fixed and redriven.
+//!
+//! This module depends on nothing else of the crate, so the consumers and the bench can use the
+//! envelope alone.
 
 use bytes::Bytes;
 use std::sync::Arc;
 
-pub use crate::config::{ColumnNames, ColumnSet};
+/// The placeholder `outbox.topic_template` must contain.
+pub const AGGREGATE_TYPE_PLACEHOLDER: &str = "{aggregate_type}";
+
+/// Kafka's longest topic name.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Which column names the outbox table uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColumnSet {
+    /// This project's schema (`migrations/`).
+    #[default]
+    Native,
+    /// Debezium's outbox table, so a team can switch relays without a migration.
+    Debezium,
+}
+
+/// The outbox columns that carry an event, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnNames {
+    /// The dedup key consumers use.
+    pub event_id: &'static str,
+    /// Routes to a topic.
+    pub aggregate_type: &'static str,
+    /// The Kafka key.
+    pub aggregate_id: &'static str,
+    /// The event's type header.
+    pub event_type: &'static str,
+    /// The Kafka value.
+    pub payload: &'static str,
+    /// Extra Kafka headers (a JSON object), if the schema has them.
+    pub headers: Option<&'static str>,
+}
+
+impl ColumnSet {
+    /// The column names for this set.
+    pub fn names(self) -> ColumnNames {
+        match self {
+            ColumnSet::Native => ColumnNames {
+                event_id: "event_id",
+                aggregate_type: "aggregate_type",
+                aggregate_id: "aggregate_id",
+                event_type: "event_type",
+                payload: "payload",
+                headers: Some("headers"),
+            },
+            ColumnSet::Debezium => ColumnNames {
+                event_id: "id",
+                aggregate_type: "aggregatetype",
+                aggregate_id: "aggregateid",
+                event_type: "type",
+                payload: "payload",
+                headers: None,
+            },
+        }
+    }
+}
 
 /// Where an event was read from; becomes headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,15 +159,82 @@ impl OutRecord {
     }
 }
 
-/// Topic routing: `aggregate_type` through the template.
+/// Why an `aggregate_type` cannot be routed to a topic. The texts never quote the type itself
+/// (the DLQ record carries it as a header).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("aggregate_type is empty")]
+    Empty,
+    #[error("aggregate_type has characters Kafka does not allow in topic names (ASCII letters, digits, '.', '_' and '-' only); types are never renamed, so two types cannot share a topic")]
+    InvalidCharacters,
+    #[error("the topic name would be {len} characters long; Kafka allows at most {MAX_TOPIC_LEN}")]
+    TooLong { len: usize },
+    #[error("the topic name would be '.' or '..', which Kafka refuses")]
+    Dots,
+    #[error("topic {topic} would collide with topic {other}: Kafka treats '.' and '_' in topic names alike")]
+    Collides { topic: String, other: String },
+}
+
+impl TopicError {
+    /// The DLQ's `error_class` header.
+    pub fn class(&self) -> &'static str {
+        "invalid_topic"
+    }
+}
+
+impl OutRecord {
+    /// This record as a DLQ record on `dlq_topic`, for a record its own topic refused for good
+    /// (the topic is invalid or not writable, the record is too large): headers `error`,
+    /// `error_class` and `original_topic`, then the record's own headers (its identity), then
+    /// its extra headers prefixed `original.`. `keep_value` false drops the value (a record too
+    /// large for its topic is too large for the DLQ as well) and records its size in
+    /// `value_bytes`; the event stays in the outbox table, found by its `event_id`.
+    pub fn into_dlq(
+        self,
+        dlq_topic: Arc<str>,
+        reason: String,
+        class: &'static str,
+        keep_value: bool,
+    ) -> OutRecord {
+        let mut headers = Vec::with_capacity(self.headers.len() + 4);
+        headers.push(("error", Bytes::from(reason)));
+        headers.push(("error_class", Bytes::from_static(class.as_bytes())));
+        headers.push(("original_topic", Bytes::from(self.topic.to_string())));
+        let value = if keep_value {
+            self.value
+        } else {
+            headers.push(("value_bytes", Bytes::from(self.value.len().to_string())));
+            Bytes::new()
+        };
+        headers.extend(self.headers);
+        OutRecord {
+            topic: dlq_topic,
+            key: self.key,
+            value,
+            headers,
+            extra_headers: self
+                .extra_headers
+                .into_iter()
+                .map(|(k, v)| (format!("original.{k}"), v))
+                .collect(),
+        }
+    }
+}
+
+/// Topic routing: `aggregate_type` through the template, validated (see the module docs).
 #[derive(Clone, Debug)]
 pub struct TopicRouter {
     prefix: String,
     suffix: String,
-    cache: std::collections::HashMap<String, Arc<str>>,
+    cache: std::collections::HashMap<String, Result<Arc<str>, TopicError>>,
+    /// Every topic routed to so far, by its name with `.` replaced by `_` (Kafka's collision
+    /// rule): a second name with the same key collides.
+    normalized: std::collections::HashMap<String, Arc<str>>,
 }
 
-use crate::config::AGGREGATE_TYPE_PLACEHOLDER;
+/// Aggregate types remembered; a flood of distinct types is still routed correctly, only
+/// without the cache.
+const ROUTER_CACHE: usize = 10_000;
 
 impl TopicRouter {
     /// `template` must contain `{aggregate_type}` once (checked by the config's validation;
@@ -102,33 +247,60 @@ impl TopicRouter {
             prefix: prefix.to_owned(),
             suffix: suffix.to_owned(),
             cache: Default::default(),
+            normalized: Default::default(),
         }
     }
 
-    /// The topic of `aggregate_type`. Characters Kafka does not allow in topic names become `_`.
-    pub fn topic(&mut self, aggregate_type: &str) -> Arc<str> {
+    /// The topic of `aggregate_type`, or why there is none.
+    pub fn topic(&mut self, aggregate_type: &str) -> Result<Arc<str>, TopicError> {
         if let Some(t) = self.cache.get(aggregate_type) {
             return t.clone();
         }
-        let mut name =
-            String::with_capacity(self.prefix.len() + aggregate_type.len() + self.suffix.len());
-        name.push_str(&self.prefix);
-        name.extend(aggregate_type.chars().map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        }));
-        name.push_str(&self.suffix);
-        name.truncate(249);
-        let t: Arc<str> = name.into();
-        // A bounded cache: aggregate types are few; a flood of distinct ones is not cached.
-        if self.cache.len() < 10_000 {
-            self.cache.insert(aggregate_type.to_owned(), t.clone());
+        let result = self.route(aggregate_type);
+        if self.cache.len() < ROUTER_CACHE {
+            self.cache.insert(aggregate_type.to_owned(), result.clone());
         }
-        t
+        result
     }
+
+    fn route(&mut self, aggregate_type: &str) -> Result<Arc<str>, TopicError> {
+        if aggregate_type.is_empty() {
+            return Err(TopicError::Empty);
+        }
+        if !aggregate_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(TopicError::InvalidCharacters);
+        }
+        let name = format!("{}{aggregate_type}{}", self.prefix, self.suffix);
+        if name.len() > MAX_TOPIC_LEN {
+            return Err(TopicError::TooLong { len: name.len() });
+        }
+        if name == "." || name == ".." {
+            return Err(TopicError::Dots);
+        }
+        let key = name.replace('.', "_");
+        match self.normalized.get(&key) {
+            Some(other) if **other != *name => Err(TopicError::Collides {
+                topic: name,
+                other: other.to_string(),
+            }),
+            Some(same) => Ok(same.clone()),
+            None => {
+                let t: Arc<str> = name.into();
+                if self.normalized.len() < ROUTER_CACHE {
+                    self.normalized.insert(key, t.clone());
+                }
+                Ok(t)
+            }
+        }
+    }
+}
+
+/// An LSN as Postgres writes it (`16/B374D880`).
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 impl Event {
@@ -140,7 +312,7 @@ impl Event {
         headers.push(("aggregate_type", Bytes::from(self.aggregate_type)));
         match self.source {
             Source::Wal { lsn, xid } => {
-                headers.push(("lsn", Bytes::from(crate::replication::Lsn(lsn).to_string())));
+                headers.push(("lsn", Bytes::from(lsn_text(lsn))));
                 headers.push(("xid", Bytes::from(xid.to_string())));
             }
             Source::Table { txid, id } => {
@@ -174,11 +346,24 @@ pub enum HeadersError {
     NotAnObject(&'static str),
 }
 
+/// A JSON error without the input's content: serde_json's own text quotes the offending
+/// string or value ("invalid type: string \"4111...\""), and these errors go to logs and DLQ
+/// headers, which never carry payload content. The category and position are enough to find it.
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "wrong shape (a field missing or of the wrong type)",
+        serde_json::error::Category::Eof => "unexpected end of input",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 /// Parses a `headers` jsonb value: an object whose values are strings (other scalars are
 /// rendered as JSON text; nested values too).
 pub fn parse_headers(text: &[u8]) -> Result<Vec<(String, String)>, HeadersError> {
     let v: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| HeadersError::Json(e.to_string()))?;
+        serde_json::from_slice(text).map_err(|e| HeadersError::Json(json_error(&e)))?;
     match v {
         serde_json::Value::Null => Ok(Vec::new()),
         serde_json::Value::Object(map) => Ok(header_strings(map)),
@@ -218,7 +403,7 @@ pub struct MessageEventError(String);
 
 impl MessageEvent {
     pub fn parse(content: &[u8]) -> Result<MessageEvent, MessageEventError> {
-        serde_json::from_slice(content).map_err(|e| MessageEventError(e.to_string()))
+        serde_json::from_slice(content).map_err(|e| MessageEventError(json_error(&e)))
     }
 
     /// The event. Without an `event_id` in the message, one is derived from the cluster and the
@@ -249,10 +434,68 @@ mod tests {
     #[test]
     fn routes_through_the_template() {
         let mut r = TopicRouter::new("outbox.event.{aggregate_type}");
-        assert_eq!(&*r.topic("order"), "outbox.event.order");
-        assert_eq!(&*r.topic("Order Line/x"), "outbox.event.Order_Line_x");
+        assert_eq!(&*r.topic("order").unwrap(), "outbox.event.order");
+        assert_eq!(
+            &*r.topic("Order-Line_2").unwrap(),
+            "outbox.event.Order-Line_2"
+        );
         let mut r = TopicRouter::new("{aggregate_type}-events");
-        assert_eq!(&*r.topic("payment"), "payment-events");
+        assert_eq!(&*r.topic("payment").unwrap(), "payment-events");
+    }
+
+    #[test]
+    fn types_that_cannot_be_topics_are_refused_never_renamed() {
+        let mut r = TopicRouter::new("outbox.event.{aggregate_type}");
+        assert_eq!(r.topic(""), Err(TopicError::Empty));
+        assert_eq!(r.topic("bad type"), Err(TopicError::InvalidCharacters));
+        assert_eq!(r.topic("Order/x"), Err(TopicError::InvalidCharacters));
+        assert_eq!(r.topic("ordér"), Err(TopicError::InvalidCharacters));
+        let long = "a".repeat(300);
+        assert_eq!(
+            r.topic(&long),
+            Err(TopicError::TooLong {
+                len: 300 + "outbox.event.".len()
+            })
+        );
+        // Two long types that share their first 249 characters are not merged.
+        let (a, b) = ("x".repeat(236), "x".repeat(237));
+        assert!(r.topic(&a).is_ok());
+        assert!(matches!(r.topic(&b), Err(TopicError::TooLong { .. })));
+        let mut bare = TopicRouter::new("{aggregate_type}");
+        assert_eq!(bare.topic(".."), Err(TopicError::Dots));
+    }
+
+    #[test]
+    fn names_that_differ_only_in_dot_and_underscore_collide() {
+        let mut r = TopicRouter::new("outbox.event.{aggregate_type}");
+        assert_eq!(&*r.topic("bad_type").unwrap(), "outbox.event.bad_type");
+        let e = r.topic("bad.type").unwrap_err();
+        assert!(matches!(e, TopicError::Collides { .. }), "{e}");
+        assert!(e.to_string().contains("outbox.event.bad_type"));
+        // The first one keeps routing; asking again gives the same answers.
+        assert_eq!(&*r.topic("bad_type").unwrap(), "outbox.event.bad_type");
+        assert!(r.topic("bad.type").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any routed type maps to a valid topic name that contains it verbatim, and two
+        /// distinct types never map to the same or colliding names.
+        #[test]
+        fn routed_topics_are_valid_and_distinct(types in proptest::collection::vec("[a-zA-Z0-9._ /-]{0,12}", 1..20)) {
+            let mut r = TopicRouter::new("t.{aggregate_type}");
+            let mut seen: std::collections::HashMap<String, String> = Default::default();
+            for ty in &types {
+                if let Ok(topic) = r.topic(ty) {
+                    proptest::prop_assert!(topic.len() <= MAX_TOPIC_LEN);
+                    proptest::prop_assert!(topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+                    proptest::prop_assert_eq!(&*topic, format!("t.{ty}"));
+                    let key = topic.replace('.', "_");
+                    if let Some(prev) = seen.insert(key, ty.clone()) {
+                        proptest::prop_assert_eq!(&prev, ty);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -299,6 +542,21 @@ mod tests {
             Err(HeadersError::NotAnObject(_))
         ));
         assert!(matches!(parse_headers(b"{"), Err(HeadersError::Json(_))));
+    }
+
+    #[test]
+    fn json_errors_never_quote_the_input() {
+        let secret = "4111111111111111";
+        let m = format!(
+            r#"{{"aggregate_type":"order","aggregate_id":"o","event_type":"X","payload":1,"event_id":"{secret}"}}"#
+        );
+        let e = MessageEvent::parse(m.as_bytes()).unwrap_err().to_string();
+        assert!(!e.contains(secret), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+        let e = parse_headers(format!(r#"{{"a": "{secret}"#).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(secret), "{e}");
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //! container), so callers need no special case. Errors sending to the socket are logged, not
 //! returned: losing a status line must never stop the relay.
 //!
-//! Ping the watchdog from the relay loop itself (one `select!` arm on a
-//! `tokio::time::interval(watchdog_interval)`), not from a separate task: a separate task keeps
-//! pinging while the loop is stuck, which defeats the purpose.
+//! The pings come from a small task in `main.rs`, but that task pings only while
+//! [`Health::watchdog_ok`](crate::health::Health::watchdog_ok) holds: the relay loop marks its
+//! progress on every iteration, so a loop stuck in one step for a whole interval starves the
+//! watchdog (a task pinging unconditionally would keep a wedged relay alive).
 
 use std::time::Duration;
 

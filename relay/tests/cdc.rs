@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
-struct Harness {
-    db_url: String,
-    bootstrap: String,
-    slot: String,
-    prefix: String,
-    checkpoint_topic: String,
-    txn_id: String,
+pub(crate) struct Harness {
+    pub(crate) db_url: String,
+    pub(crate) bootstrap: String,
+    pub(crate) slot: String,
+    pub(crate) prefix: String,
+    pub(crate) checkpoint_topic: String,
+    pub(crate) txn_id: String,
 }
 
 impl Harness {
-    fn new(db_url: String, bootstrap: String) -> Harness {
+    pub(crate) fn new(db_url: String, bootstrap: String) -> Harness {
         Harness {
             db_url,
             bootstrap,
@@ -32,7 +32,7 @@ impl Harness {
         }
     }
 
-    fn env(&self) -> RelayEnv {
+    pub(crate) fn env(&self) -> RelayEnv {
         let mut e = RelayEnv::default();
         e.set("RELAY_POSTGRES__URL", &self.db_url)
             .set("RELAY_KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap)
@@ -50,16 +50,19 @@ impl Harness {
             .set("RELAY_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
             .set("RELAY_SHUTDOWN__TIMEOUT", "10s")
             // Every WAL transaction and Kafka commit is logged: a miss can be traced.
-            .set("RELAY_LOG__LEVEL", "info,relay::cdc=debug");
+            .set(
+                "RELAY_LOG__LEVEL",
+                "info,relay::cdc=debug,relay::pipeline=debug",
+            );
         e
     }
 
-    fn spawn(&self) -> RelayProc {
+    pub(crate) fn spawn(&self) -> RelayProc {
         RelayProc::spawn(&["cdc"], &self.env())
     }
 
     /// The relay's /metrics text (its http.listen is in `env`).
-    async fn metrics(env: &RelayEnv) -> String {
+    pub(crate) async fn metrics(env: &RelayEnv) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = env
             .vars
@@ -78,14 +81,14 @@ impl Harness {
         out
     }
 
-    fn topics(&self) -> Vec<String> {
+    pub(crate) fn topics(&self) -> Vec<String> {
         AGGREGATE_TYPES
             .iter()
             .map(|t| format!("{}.{t}", self.prefix))
             .collect()
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(&self.db_url, NoTls)
             .await
             .expect("connect");
@@ -95,7 +98,7 @@ impl Harness {
         c
     }
 
-    async fn create_slot(&self) {
+    pub(crate) async fn create_slot(&self) {
         self.client()
             .await
             .execute(
@@ -108,7 +111,7 @@ impl Harness {
 
     /// Waits until the slot is confirmed past everything written so far (heartbeats move it
     /// on once the outbox is quiet), so every committed event is in Kafka.
-    async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
+    pub(crate) async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut target: Option<String> = None;
         loop {
@@ -152,7 +155,7 @@ impl Harness {
     }
 
     /// The `end_lsn` of the last checkpoint committed to Kafka.
-    async fn last_checkpoint_end(&self) -> u64 {
+    pub(crate) async fn last_checkpoint_end(&self) -> u64 {
         let checkpoints = kafka::read_all_from(
             &self.bootstrap,
             &self.checkpoint_topic,
@@ -168,7 +171,7 @@ impl Harness {
     }
 
     /// The slot's `confirmed_flush_lsn`.
-    async fn slot_confirmed(&self) -> relay::replication::Lsn {
+    pub(crate) async fn slot_confirmed(&self) -> relay::replication::Lsn {
         let confirmed: String = self
             .client()
             .await
@@ -184,7 +187,7 @@ impl Harness {
 
     /// When a count is off, prints what the investigation needs: the relay logs (without
     /// librdkafka's lines) and every committed checkpoint.
-    async fn explain(&self, t: &Tally, logs: &[std::path::PathBuf]) {
+    pub(crate) async fn explain(&self, t: &Tally, logs: &[std::path::PathBuf]) {
         if t.lost + t.duplicates + t.out_of_order == 0 {
             return;
         }
@@ -256,7 +259,7 @@ impl Harness {
 
     /// The end of every load test: wait until the relay has confirmed everything written, stop
     /// it with SIGTERM (it must exit 0), count, and explain any miss with `logs`.
-    async fn settle(
+    pub(crate) async fn settle(
         &self,
         relay: &mut RelayProc,
         timeout: Duration,
@@ -275,7 +278,7 @@ impl Harness {
 
     /// The end of a single-relay load test: stop the writers, settle, and assert that every
     /// committed event arrived exactly once, in per-key order.
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         relay: &mut RelayProc,
         state: &LoadState,
@@ -289,7 +292,7 @@ impl Harness {
         assert_exactly_once(&t, what);
     }
 
-    async fn tally(&self, state: &LoadState) -> Tally {
+    pub(crate) async fn tally(&self, state: &LoadState) -> Tally {
         let rolled_back = state.rolled_back.lock().unwrap().clone();
         outbox_load::tally(&self.db_url, &self.bootstrap, &self.topics(), &rolled_back).await
     }
@@ -566,7 +569,7 @@ async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
 
 impl Harness {
     /// How many records of the `order` topic carry `id` (read_committed).
-    async fn copies_of(&self, id: uuid::Uuid) -> usize {
+    pub(crate) async fn copies_of(&self, id: uuid::Uuid) -> usize {
         kafka::read_all_from(
             &self.bootstrap,
             &format!("{}.order", self.prefix),
@@ -579,7 +582,7 @@ impl Harness {
     }
 
     /// Runs the relay until it has relayed what is committed, then stops it (exit 0).
-    async fn run_until_caught_up(&self) {
+    pub(crate) async fn run_until_caught_up(&self) {
         let mut relay = self.spawn();
         self.wait_caught_up(&mut relay, Duration::from_secs(60))
             .await;
@@ -588,7 +591,7 @@ impl Harness {
     }
 
     /// Starts `relay cdc` and expects it to exit 1 by itself with a log containing `needle`.
-    fn expect_refusal(&self, needle: &str) {
+    pub(crate) fn expect_refusal(&self, needle: &str) {
         let mut relay = self.spawn();
         let st = relay
             .wait_exit(Duration::from_secs(60))
@@ -723,7 +726,7 @@ async fn a_slot_in_use_is_waited_for() {
 }
 
 /// The value of a sample line `name{labels} value` in a metrics text, if present.
-fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+pub(crate) fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(name_and_labels))

@@ -317,6 +317,14 @@ impl ReplicationClient {
                 let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
                 // Status updates are small and latency matters more than packet count.
                 tcp.set_nodelay(true)?;
+                // A peer that vanished (host down, network partition, a NAT that dropped the
+                // flow) is noticed by the kernel within about a minute and the read fails,
+                // instead of a replication stream waiting forever for the next message.
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(std::time::Duration::from_secs(30))
+                    .with_interval(std::time::Duration::from_secs(10))
+                    .with_retries(3);
+                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
                 tls::negotiate(tcp, cfg).await?
             }
         };

@@ -7,19 +7,19 @@
 //!
 //! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
 
-use super::{Backend, SinkError};
+use super::{Backend, Returned, SinkError};
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaError;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,113 @@ pub struct KafkaBackend {
     admin: Option<AdminClient<DefaultClientContext>>,
     runtime: tokio::runtime::Handle,
     known_topics: HashSet<String>,
+    /// Topics refused for good (invalid, colliding, not authorized, not there while the relay
+    /// may not create topics), with the reason: their records go to the DLQ at once.
+    refused_topics: HashMap<String, (String, &'static str)>,
+    poison: Poison,
     queue_full: Option<prometheus::IntCounter>,
+}
+
+/// Records whose delivery failed with a definite error (too large for the broker, topic not
+/// authorized...). Such a failure is only known after the transaction has failed, which must
+/// abort; the set outlives the producer, so that when the relay replays the aborted
+/// transaction the record goes to the DLQ instead, and the relay does not retry it forever.
+/// Keys are hashes of (topic, key, event id): no payload is kept.
+///
+/// A broker's size refusal is special: it refuses a whole batch, innocent records included
+/// (a batch holds several records of a partition). Those records are only *suspects*; the next
+/// producer reads the topic's `max.message.bytes` and poisons only a record that is too large on
+/// its own (see `KafkaBackend::resolve_suspects`).
+#[derive(Clone, Debug, Default)]
+pub struct Poison(Arc<Mutex<PoisonState>>);
+
+#[derive(Debug, Default)]
+struct PoisonState {
+    refused: HashMap<u64, Refusal>,
+    /// Records in a batch the broker refused as too large: id -> (topic, estimated size of the
+    /// record alone in a batch).
+    suspects: HashMap<u64, (String, usize)>,
+}
+
+/// Why a record was refused: the reason, its DLQ class, and whether the value may go along.
+type Refusal = (String, &'static str, bool);
+
+impl Poison {
+    fn id(topic: &str, key: Option<&[u8]>, event_id: Option<&[u8]>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        topic.hash(&mut h);
+        key.hash(&mut h);
+        event_id.hash(&mut h);
+        h.finish()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoisonState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // Both maps are bounded: poison records are rare; a flood of them is a broken setup that
+    // the consecutive-failure alert reports.
+    fn insert(&self, id: u64, reason: String, class: &'static str, keep_value: bool) {
+        let mut st = self.lock();
+        if st.refused.len() < 100_000 {
+            st.refused.insert(id, (reason, class, keep_value));
+        }
+    }
+
+    fn suspect(&self, id: u64, topic: &str, size: usize) {
+        let mut st = self.lock();
+        if st.suspects.len() < 100_000 {
+            st.suspects.insert(id, (topic.to_owned(), size));
+        }
+    }
+
+    fn take(&self, id: u64) -> Option<Refusal> {
+        self.lock().refused.remove(&id)
+    }
+
+    /// The suspects of `topic`, removed from the set.
+    fn take_suspects(&self, topic: &str) -> Vec<(u64, usize)> {
+        let mut st = self.lock();
+        let ids: Vec<u64> = st
+            .suspects
+            .iter()
+            .filter(|(_, (t, _))| t == topic)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| st.suspects.remove(&id).map(|(_, size)| (id, size)))
+            .collect()
+    }
+
+    fn has_suspects(&self) -> bool {
+        !self.lock().suspects.is_empty()
+    }
+
+    /// How many records are waiting to be sent to the DLQ on the next attempt.
+    pub fn len(&self) -> usize {
+        self.lock().refused.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A definite (never transient) per-record error code: retrying the same record cannot help,
+/// the DLQ can. The class names it in the DLQ record; `keep_value` says whether the value can
+/// go along (not when the value is the problem).
+fn definite_record_error(code: RDKafkaErrorCode) -> Option<(&'static str, bool)> {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge => Some(("record_too_large", false)),
+        C::InvalidTopic => Some(("invalid_topic", true)),
+        C::TopicAuthorizationFailed => Some(("topic_authorization_failed", true)),
+        C::PolicyViolation => Some(("policy_violation", true)),
+        C::InvalidRecord => Some(("invalid_record", true)),
+        _ => None,
+    }
 }
 
 impl KafkaBackend {
@@ -82,8 +188,17 @@ impl KafkaBackend {
             admin: None,
             runtime,
             known_topics: HashSet::new(),
+            refused_topics: HashMap::new(),
+            poison: Poison::default(),
             queue_full: None,
         }
+    }
+
+    /// Shares `poison` with this backend: records that failed delivery for good under an
+    /// earlier producer go to the DLQ now (see [`Poison`]).
+    pub fn with_poison(mut self, poison: Poison) -> Self {
+        self.poison = poison;
+        self
     }
 
     /// Counts waits on a full producer queue.
@@ -119,24 +234,15 @@ impl KafkaBackend {
             self.known_topics.insert(topic.to_owned());
             return Ok(());
         }
-        let admin = match &self.admin {
-            Some(a) => a,
-            None => {
-                let a: AdminClient<DefaultClientContext> = self
-                    .base_config()
-                    .create()
-                    .map_err(|e| SinkError::Config(e.to_string()))?;
-                self.admin.insert(a)
-            }
-        };
+        let runtime = self.runtime.clone();
+        let admin = self.admin()?;
         // Replication factor -1: the broker's default.replication.factor.
         let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
         if compact {
             nt = nt.set("cleanup.policy", "compact");
         }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let res = self
-            .runtime
+        let res = runtime
             .block_on(admin.create_topics(&[nt], &opts))
             .map_err(|e| SinkError::Unavailable(format!("creating topic {topic}: {e}")))?;
         for r in res {
@@ -144,6 +250,22 @@ impl KafkaBackend {
                 Ok(_) => tracing::info!(topic, partitions, "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, e)) => {
+                    if let Some((class, _)) = definite_record_error(e) {
+                        // Kafka refuses this name (invalid, colliding with an existing topic
+                        // in '.' versus '_', a policy) or refuses it to us: definite.
+                        return Err(SinkError::Rejected {
+                            reason: format!("creating topic {t}: {e}"),
+                            class,
+                            keep_value: true,
+                            record: Returned::default(),
+                        });
+                    }
+                    if e == RDKafkaErrorCode::ClusterAuthorizationFailed {
+                        return Err(SinkError::Config(format!(
+                            "creating topic {t}: {e}: the relay's principal may not create topics; \
+                             grant it CREATE, or set outbox.create_topics = false and create the topics beforehand"
+                        )));
+                    }
                     return Err(SinkError::Unavailable(format!("creating topic {t}: {e}")));
                 }
             }
@@ -190,17 +312,98 @@ impl KafkaBackend {
                 return Ok(());
             };
             if Instant::now() > deadline {
-                let hint = if self.settings.create_topics {
-                    ""
-                } else {
-                    " (outbox.create_topics is false: the topic must be created beforehand)"
-                };
+                let missing = t.is_none_or(|t| {
+                    t.error().is_some_and(|e| {
+                        RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
+                    })
+                });
+                if missing
+                    && !self.settings.create_topics
+                    && topic != self.settings.checkpoint_topic
+                {
+                    // The operator creates the topics (outbox.create_topics = false) and has not
+                    // created this one: its records wait in the DLQ, to be redriven.
+                    return Err(SinkError::Rejected {
+                        reason: format!(
+                            "topic {topic} does not exist and outbox.create_topics is false: create it, then redrive"
+                        ),
+                        class: "unknown_topic",
+                        keep_value: true,
+                        record: Returned::default(),
+                    });
+                }
                 return Err(SinkError::Unavailable(format!(
-                    "topic {topic} {state} after {CALL_TIMEOUT:?}{hint}"
+                    "topic {topic} {state} after {CALL_TIMEOUT:?}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin client, made on first use.
+    fn admin(&mut self) -> Result<&AdminClient<DefaultClientContext>, SinkError> {
+        if self.admin.is_none() {
+            let a: AdminClient<DefaultClientContext> = self
+                .base_config()
+                .create()
+                .map_err(|e| SinkError::Config(e.to_string()))?;
+            self.admin = Some(a);
+        }
+        self.admin.as_ref().ok_or(SinkError::Stopped)
+    }
+
+    /// Decides the suspects of `topic` (records in a batch the broker refused as too large):
+    /// those larger than the topic's `max.message.bytes` on their own are poisoned (sent to
+    /// the DLQ when replayed), the others are innocent and produced again. When none is too
+    /// large alone, the producer's batches are what is too large for the topic: a setting the
+    /// operator must change, reported as such instead of retried forever.
+    fn resolve_suspects(&mut self, topic: &str) -> Result<(), SinkError> {
+        let suspects = self.poison.take_suspects(topic);
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        let limit = self.topic_max_message_bytes(topic)?;
+        let mut poisoned = 0;
+        for (id, size) in suspects {
+            if size > limit {
+                poisoned += 1;
+                self.poison.insert(
+                    id,
+                    format!(
+                        "the record (about {size} bytes in a batch of its own) is larger than topic {topic}'s max.message.bytes ({limit})"
+                    ),
+                    "record_too_large",
+                    false,
+                );
+            }
+        }
+        if poisoned == 0 {
+            return Err(SinkError::Config(format!(
+                "the broker refused a batch to topic {topic} as larger than its max.message.bytes ({limit}), though no record alone is: set kafka.librdkafka.batch.size (and message.max.bytes) to at most {limit}, or raise the topic's max.message.bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The topic's `max.message.bytes`, as the broker reports it.
+    fn topic_max_message_bytes(&mut self, topic: &str) -> Result<usize, SinkError> {
+        let runtime = self.runtime.clone();
+        let admin = self.admin()?;
+        let opts = AdminOptions::new().request_timeout(Some(CALL_TIMEOUT));
+        let spec = ResourceSpecifier::Topic(topic);
+        let res = runtime
+            .block_on(admin.describe_configs([&spec], &opts))
+            .map_err(|e| SinkError::Unavailable(format!("describing topic {topic}: {e}")))?;
+        res.into_iter()
+            .filter_map(Result::ok)
+            .find_map(|r| {
+                r.get("max.message.bytes")
+                    .and_then(|e| e.value.as_deref())
+                    .and_then(|v| v.parse::<usize>().ok())
+            })
+            .ok_or_else(|| {
+                SinkError::Unavailable(format!("topic {topic}'s max.message.bytes is unknown"))
+            })
     }
 
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
@@ -370,6 +573,7 @@ impl Deliveries {
 /// (a record failed before it had a partition, say) can let a transaction commit without it.
 struct SinkContext {
     deliveries: Arc<Deliveries>,
+    poison: Poison,
 }
 
 impl rdkafka::client::ClientContext for SinkContext {}
@@ -383,7 +587,37 @@ impl rdkafka::producer::ProducerContext for SinkContext {
         // partition succeeded; its own append was never confirmed, so it fails the transaction
         // too (an abort and a retry cost little; a lost event is not acceptable).
         let error = match result {
-            Err((e, _)) => Some(e.to_string()),
+            Err((e, m)) => {
+                let code = e.rdkafka_error_code();
+                if let Some((class, keep_value)) = code.and_then(definite_record_error) {
+                    let event_id = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "event_id").and_then(|h| h.value));
+                    let id = Poison::id(m.topic(), m.key(), event_id);
+                    if class == "record_too_large" {
+                        // The broker refused the whole batch: a suspect only (see `Poison`).
+                        let headers = m.headers().map_or(0, |h| {
+                            h.iter()
+                                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 6)
+                                .sum::<usize>()
+                        });
+                        let size = 61
+                            + 24
+                            + m.key().map_or(0, <[u8]>::len)
+                            + m.payload().map_or(0, <[u8]>::len)
+                            + headers;
+                        self.poison.suspect(id, m.topic(), size);
+                    } else {
+                        self.poison.insert(
+                            id,
+                            format!("delivery to {} failed: {e}", m.topic()),
+                            class,
+                            keep_value,
+                        );
+                    }
+                }
+                Some(e.to_string())
+            }
             Ok(m) if m.offset() < 0 => Some(format!(
                 "acknowledged without an offset on {} [{}]: its append was not confirmed",
                 m.topic(),
@@ -455,6 +689,13 @@ impl Backend for KafkaBackend {
         if !self.settings.librdkafka.contains_key("linger.ms") {
             config.set("linger.ms", "1");
         }
+        // The Java client's partitioner (murmur2 of the key), which Debezium, Kafka Connect and
+        // Java producers use: a key stays on its partition whichever of them wrote it, so a
+        // team can switch from Debezium without breaking per-key order. librdkafka's own
+        // default (consistent_random, CRC32) would place keys elsewhere.
+        if !self.settings.librdkafka.contains_key("partitioner") {
+            config.set("partitioner", "murmur2_random");
+        }
         // Bound the producer's memory: when its queue is full, sends wait (backpressure) and
         // the relay stops reading WAL, instead of buffering up to librdkafka's 1 GiB default.
         if !self
@@ -467,6 +708,7 @@ impl Backend for KafkaBackend {
         let producer: ThreadedProducer<SinkContext> = config
             .create_with_context(SinkContext {
                 deliveries: self.deliveries.clone(),
+                poison: self.poison.clone(),
             })
             .map_err(|e| SinkError::Config(e.to_string()))?;
         self.producer = Some(producer);
@@ -493,9 +735,54 @@ impl Backend for KafkaBackend {
     }
 
     fn send(&mut self, r: OutRecord) -> Result<(), SinkError> {
+        if let Some((reason, class)) = self.refused_topics.get(&*r.topic) {
+            return Err(SinkError::Rejected {
+                reason: reason.clone(),
+                class,
+                keep_value: true,
+                record: Returned(Some(Box::new(r))),
+            });
+        }
+        if self.poison.has_suspects() {
+            self.resolve_suspects(&r.topic)?;
+        }
+        if !self.poison.is_empty() {
+            let event_id = r
+                .headers
+                .iter()
+                .find(|(k, _)| *k == "event_id")
+                .map(|(_, v)| &v[..]);
+            let id = Poison::id(&r.topic, Some(&r.key[..]), event_id);
+            if let Some((reason, class, keep_value)) = self.poison.take(id) {
+                return Err(SinkError::Rejected {
+                    reason,
+                    class,
+                    keep_value,
+                    record: Returned(Some(Box::new(r))),
+                });
+            }
+        }
         if !self.known_topics.contains(&*r.topic) {
             let partitions = self.settings.topic_partitions;
-            self.ensure_topic(&r.topic, partitions, false)?;
+            match self.ensure_topic(&r.topic, partitions, false) {
+                Ok(()) => {}
+                Err(SinkError::Rejected {
+                    reason,
+                    class,
+                    keep_value,
+                    ..
+                }) => {
+                    self.refused_topics
+                        .insert(r.topic.to_string(), (reason.clone(), class));
+                    return Err(SinkError::Rejected {
+                        reason,
+                        class,
+                        keep_value,
+                        record: Returned(Some(Box::new(r))),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
         let producer = self.producer()?;
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + r.extra_headers.len());
@@ -528,7 +815,23 @@ impl Backend for KafkaBackend {
                     std::thread::sleep(Duration::from_millis(2));
                     record = back;
                 }
-                Err((e, _)) => return Err(classify("produce", e)),
+                Err((e, _)) => {
+                    self.deliveries.unsent();
+                    if let Some((class, keep_value)) =
+                        e.rdkafka_error_code().and_then(definite_record_error)
+                    {
+                        // librdkafka checks a record against message.max.bytes before it
+                        // queues it: this one can never be written, to any partition.
+                        let reason = format!("produce to {}: {e}", r.topic);
+                        return Err(SinkError::Rejected {
+                            reason,
+                            class,
+                            keep_value,
+                            record: Returned(Some(Box::new(r))),
+                        });
+                    }
+                    return Err(classify("produce", e));
+                }
             }
         }
     }

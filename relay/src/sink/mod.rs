@@ -26,6 +26,7 @@ pub mod null;
 
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -49,6 +50,41 @@ pub enum SinkError {
     /// The sink thread is gone (after an earlier error).
     #[error("the sink thread has stopped")]
     Stopped,
+    /// A Kafka transaction failed after being open longer than `kafka.transaction_timeout`:
+    /// the broker aborts transactions older than that (fencing the producer), so replaying the
+    /// same WAL transaction would fail the same way, forever. The operator must act.
+    #[error("a Kafka transaction failed after being open for {age:?}, longer than kafka.transaction_timeout ({limit:?}): the broker aborts (and fences) transactions older than that, so the WAL transaction being relayed is too large to produce within it. Raise kafka.transaction_timeout (up to the broker's transaction.max.timeout.ms, 15 min by default) and restart; see RUNBOOK.md, 'Transaction too large'. Cause: {cause}")]
+    TransactionTimeout {
+        age: Duration,
+        limit: Duration,
+        cause: String,
+    },
+    /// One record can never be written where it is going (its topic is invalid or refused to
+    /// the relay, the record is too large): definite, no retry helps. The sink sends it to the
+    /// DLQ topic instead, in the same transaction; without a DLQ topic it ends the relay.
+    #[error("record refused for good ({class}): {reason}")]
+    Rejected {
+        reason: String,
+        class: &'static str,
+        /// Whether the DLQ record may keep the value (not when the value is what is wrong).
+        keep_value: bool,
+        /// The record, handed back so the sink can send it to the DLQ.
+        record: Returned,
+    },
+}
+
+/// A record handed back with an error. Its `Debug` shows the topic only: errors are logged,
+/// and payloads never are.
+#[derive(Clone, Default)]
+pub struct Returned(pub Option<Box<OutRecord>>);
+
+impl std::fmt::Debug for Returned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(r) => write!(f, "Returned(topic {})", r.topic),
+            None => f.write_str("Returned(none)"),
+        }
+    }
 }
 
 impl SinkError {
@@ -70,6 +106,11 @@ pub struct Committed {
     pub bytes: usize,
     /// How long `commit` took.
     pub commit_duration: Duration,
+    /// Records the sink sent to the DLQ topic instead of their own (see
+    /// [`SinkError::Rejected`]), and their value bytes: the relay counts them as DLQ records,
+    /// not as events.
+    pub rerouted: u64,
+    pub rerouted_bytes: u64,
 }
 
 /// A transactional destination, called from the sink thread only (its calls may block).
@@ -114,8 +155,26 @@ impl Sink {
     /// Starts the sink thread on `backend`, opens it and returns the latest committed checkpoint
     /// for `key`. Runs the (blocking) open on the new thread.
     pub async fn start<B: Backend>(
+        backend: B,
+        key: String,
+    ) -> Result<(Sink, Option<Checkpoint>), SinkError> {
+        Self::start_inner(backend, key, None).await
+    }
+
+    /// Like [`Sink::start`], and a record the backend refuses for good
+    /// ([`SinkError::Rejected`]) goes to `dlq_topic` in the same transaction instead.
+    pub async fn start_with_dlq<B: Backend>(
+        backend: B,
+        key: String,
+        dlq_topic: Arc<str>,
+    ) -> Result<(Sink, Option<Checkpoint>), SinkError> {
+        Self::start_inner(backend, key, Some(dlq_topic)).await
+    }
+
+    async fn start_inner<B: Backend>(
         mut backend: B,
         key: String,
+        dlq_topic: Option<Arc<str>>,
     ) -> Result<(Sink, Option<Checkpoint>), SinkError> {
         let (tx, mut rx) = mpsc::channel::<Command>(CHANNEL_DEPTH);
         let (open_tx, open_rx) = oneshot::channel();
@@ -126,7 +185,7 @@ impl Sink {
                 let ok = opened.is_ok();
                 let _ = open_tx.send(opened);
                 if ok {
-                    run_thread(backend, &mut rx);
+                    run_thread(backend, &mut rx, dlq_topic);
                 }
             })
             .map_err(|e| SinkError::Config(format!("cannot start the sink thread: {e}")))?;
@@ -198,11 +257,57 @@ impl Drop for Sink {
     }
 }
 
-fn run_thread<B: Backend>(mut backend: B, rx: &mut mpsc::Receiver<Command>) {
+/// Sends `r`; a record refused for good goes to the DLQ topic instead (counted in
+/// `rerouted`). Refused by the DLQ topic too, or without one, it is an error: the DLQ cannot
+/// help, and the operator must.
+fn send_or_reroute<B: Backend>(
+    backend: &mut B,
+    r: OutRecord,
+    dlq_topic: Option<&Arc<str>>,
+    rerouted: &mut (u64, u64),
+) -> Result<(), SinkError> {
+    match backend.send(r) {
+        Err(SinkError::Rejected {
+            reason,
+            class,
+            keep_value,
+            record: Returned(record),
+        }) => {
+            let (Some(dlq), Some(r)) = (dlq_topic, record) else {
+                return Err(SinkError::Fatal(format!(
+                    "a record was refused ({class}: {reason}) and there is no DLQ topic to send it to"
+                )));
+            };
+            // The reason names topics and sizes, never the payload.
+            tracing::warn!(topic = %r.topic, class, error = %reason, "record refused for good; sent to the DLQ topic");
+            let bytes = r.value.len() as u64;
+            let to_dlq = (*r).into_dlq(dlq.clone(), reason.clone(), class, keep_value);
+            match backend.send(to_dlq) {
+                Ok(()) => {
+                    rerouted.0 += 1;
+                    rerouted.1 += bytes;
+                    Ok(())
+                }
+                Err(SinkError::Rejected { reason: why, .. }) => Err(SinkError::Fatal(format!(
+                    "the DLQ topic {dlq} refused a record too ({why}); the original was refused with: {reason}"
+                ))),
+                Err(e) => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
+fn run_thread<B: Backend>(
+    mut backend: B,
+    rx: &mut mpsc::Receiver<Command>,
+    dlq_topic: Option<Arc<str>>,
+) {
     let mut open = false;
+    let mut rerouted = (0u64, 0u64);
     let mut records = 0usize;
     let mut bytes = 0usize;
-    let mut failed: Option<String> = None;
+    let mut failed: Option<SinkError> = None;
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
             Command::Records(batch) => {
@@ -215,27 +320,33 @@ fn run_thread<B: Backend>(mut backend: B, rx: &mut mpsc::Receiver<Command>) {
                         open = true;
                         records += 1;
                         bytes += r.size();
-                        backend.send(r)
+                        send_or_reroute(&mut backend, r, dlq_topic.as_ref(), &mut rerouted)
                     });
                     if let Err(e) = step {
                         tracing::warn!(error = %e, "sink send failed; the transaction will be aborted");
                         let _ = backend.abort();
-                        failed = Some(e.to_string());
+                        failed = Some(e);
                         open = false;
                         break;
                     }
                 }
             }
             Command::Commit(cp, reply) => {
-                if let Some(why) = failed.take() {
+                if let Some(e) = failed.take() {
                     // Records of this transaction were lost to the error: it must not commit.
-                    let _ = reply.send(Err(SinkError::Aborted(why)));
+                    // A definite error keeps its class (fatal, config); others abort.
+                    let e = match e {
+                        SinkError::Fatal(_) | SinkError::Config(_) => e,
+                        other => SinkError::Aborted(other.to_string()),
+                    };
+                    let _ = reply.send(Err(e));
                     return;
                 }
                 let started = std::time::Instant::now();
                 let res = backend.commit(&cp);
                 let n = std::mem::take(&mut records);
                 let b = std::mem::take(&mut bytes);
+                let (rerouted, rerouted_bytes) = std::mem::take(&mut rerouted);
                 open = false;
                 match res {
                     Ok(()) => {
@@ -244,6 +355,8 @@ fn run_thread<B: Backend>(mut backend: B, rx: &mut mpsc::Receiver<Command>) {
                             records: n,
                             bytes: b,
                             commit_duration: started.elapsed(),
+                            rerouted,
+                            rerouted_bytes,
                         }));
                     }
                     Err(e) => {
@@ -257,6 +370,7 @@ fn run_thread<B: Backend>(mut backend: B, rx: &mut mpsc::Receiver<Command>) {
                 open = false;
                 records = 0;
                 bytes = 0;
+                rerouted = (0, 0);
                 failed = None;
                 let _ = reply.send(res);
             }

@@ -165,16 +165,16 @@ impl ReplicationError {
     /// incarnation, whose walsender the server has not reaped yet, may retry `55006` itself.)
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Io(e) => matches!(
+            // Every socket error is a network condition that may pass (refused, reset, host or
+            // network unreachable, a DNS lookup that failed: the resolver's errors carry no
+            // kind of their own), except the few that say the request itself is wrong.
+            ReplicationError::Io(e) => !matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionRefused
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::NotConnected
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::Interrupted
+                io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::InvalidInput
+                    | io::ErrorKind::InvalidData
+                    | io::ErrorKind::Unsupported
+                    | io::ErrorKind::AddrNotAvailable
             ),
             ReplicationError::UnexpectedEof { .. } => true,
             ReplicationError::Server(e) => matches!(
@@ -230,6 +230,13 @@ mod tests {
     fn transient_versus_definite() {
         assert!(ReplicationError::Io(io::ErrorKind::ConnectionRefused.into()).is_transient());
         assert!(ReplicationError::Io(io::ErrorKind::ConnectionReset.into()).is_transient());
+        assert!(ReplicationError::Io(io::ErrorKind::HostUnreachable.into()).is_transient());
+        assert!(ReplicationError::Io(io::ErrorKind::NetworkUnreachable.into()).is_transient());
+        // What tokio's resolver returns for a name that does not resolve (no kind of its own).
+        let dns =
+            io::Error::other("failed to lookup address information: Name or service not known");
+        assert!(ReplicationError::Io(dns).is_transient());
+        assert!(!ReplicationError::Io(io::ErrorKind::PermissionDenied.into()).is_transient());
         assert!(ReplicationError::UnexpectedEof { mid_frame: true }.is_transient());
         assert!(server(sqlstate::ADMIN_SHUTDOWN).is_transient());
         assert!(server(sqlstate::CANNOT_CONNECT_NOW).is_transient());
