@@ -859,44 +859,13 @@ impl<'a> Session<'a> {
         kind: EventKind,
         outbox_id: Option<Bytes>,
     ) -> (OutRecord, RecordKind) {
-        match self.router.topic(&event.aggregate_type) {
-            Ok(topic) => (event.into_record(topic), RecordKind::Event(kind)),
-            Err(why) => {
-                tracing::warn!(
-                    event_id = %event.event_id,
-                    error = %why,
-                    "event's aggregate_type cannot be a topic; sent to the DLQ topic"
-                );
-                let class = why.class();
-                let mut identity = vec![
-                    ("event_id", Bytes::from(event.event_id)),
-                    ("aggregate_type", Bytes::from(event.aggregate_type)),
-                    ("aggregate_id", event.aggregate_id.clone()),
-                    ("event_type", Bytes::from(event.event_type)),
-                ];
-                if let Some(id) = outbox_id {
-                    identity.push(("id", id));
-                }
-                if let Source::Wal { lsn, xid } = event.source {
-                    identity.extend(self.source_identity(Lsn(lsn), xid));
-                }
-                let dlq = DlqRecord {
-                    reason: why.to_string(),
-                    key: event.aggregate_id,
-                    value: event.payload,
-                    identity,
-                    original_headers: event
-                        .headers
-                        .into_iter()
-                        .map(|(k, v)| (k, Bytes::from(v)))
-                        .collect(),
-                };
-                (
-                    dlq.into_record(self.dlq_topic.clone(), class),
-                    RecordKind::Dlq,
-                )
+        pl::route(&mut self.router, event, kind).unwrap_or_else(|unroutable| {
+            let mut source: Vec<_> = outbox_id.map(|id| ("id", id)).into_iter().collect();
+            if let Source::Wal { lsn, xid } = unroutable.event.source {
+                source.extend(self.source_identity(Lsn(lsn), xid));
             }
-        }
+            unroutable.into_dlq(self.dlq_topic.clone(), source)
+        })
     }
 
     /// The DLQ record of an outbox row that is not an event (a NULL column, bad headers...):
@@ -941,10 +910,7 @@ impl<'a> Session<'a> {
             identity,
             original_headers,
         };
-        (
-            dlq.into_record(self.dlq_topic.clone(), "unmappable_row"),
-            RecordKind::Dlq,
-        )
+        dlq.unmappable_row(self.dlq_topic.clone())
     }
 
     /// `lsn`, `xid` and `table` headers of a DLQ record.

@@ -665,9 +665,13 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PollConfig {
-    /// Pause between polls that found nothing.
+    /// Pause after a poll that found fewer rows than `batch_size` (one that found a full batch
+    /// is followed by the next poll at once).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// While polls find nothing, the pause doubles from `interval` up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
     /// Rows per query.
     pub batch_size: u32,
     /// Instance name: part of the transactional id and the checkpoint key.
@@ -678,6 +682,7 @@ impl Default for PollConfig {
     fn default() -> Self {
         PollConfig {
             interval: Duration::from_millis(50),
+            max_interval: Duration::from_millis(500),
             batch_size: 1000,
             name: "default".to_owned(),
         }
@@ -990,6 +995,11 @@ impl RelayConfig {
 
         // poll
         positive(&mut check, "poll.interval", self.poll.interval);
+        check(
+            self.poll.max_interval >= self.poll.interval,
+            "poll.max_interval",
+            "must not be shorter than poll.interval".to_owned(),
+        );
         at_least(&mut check, "poll.batch_size", self.poll.batch_size, 1);
         let name = &self.poll.name;
         check(
@@ -1620,5 +1630,60 @@ mod tests {
         assert_eq!(c.kafka.transaction_timeout, d.kafka.transaction_timeout);
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);
         assert_eq!(c.http.listen, d.http.listen);
+        assert_eq!(c.poll.interval, d.poll.interval);
+        assert_eq!(c.poll.max_interval, d.poll.max_interval);
+        assert_eq!(c.poll.batch_size, d.poll.batch_size);
+    }
+
+    /// `relay check-config` validates the `[poll]` section: a valid one loads with its values,
+    /// and every broken rule is named by its key.
+    #[test]
+    fn the_poll_section_is_validated() {
+        let f = file(
+            "toml",
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[kafka]\nbootstrap_servers = \"k:9092\"\n\
+             [poll]\ninterval = \"20ms\"\nmax_interval = \"2s\"\nbatch_size = 500\nname = \"eu-1\"\n",
+        );
+        let c = RelayConfig::load_from(Some(&f.0), env(&[])).unwrap();
+        assert_eq!(c.poll.interval, Duration::from_millis(20));
+        assert_eq!(c.poll.max_interval, Duration::from_secs(2));
+        assert_eq!(c.poll.batch_size, 500);
+        assert_eq!(c.transactional_id(RelayKind::Poll), "relay-poll-eu-1");
+
+        let f = file(
+            "toml",
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[kafka]\nbootstrap_servers = \"k:9092\"\n\
+             [poll]\ninterval = \"0s\"\nmax_interval = \"0s\"\nbatch_size = 0\nname = \"\"\nwait = 1\n",
+        );
+        let problems = problems_of(RelayConfig::load_from(Some(&f.0), env(&[])));
+        assert!(
+            problems.iter().any(|p| p.starts_with("poll.wait")),
+            "unknown key named: {problems:#?}"
+        );
+        let f = file(
+            "toml",
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[kafka]\nbootstrap_servers = \"k:9092\"\n\
+             [poll]\ninterval = \"1s\"\nmax_interval = \"100ms\"\nbatch_size = 0\nname = \"a/b\"\n",
+        );
+        let problems = problems_of(RelayConfig::load_from(Some(&f.0), env(&[])));
+        for want in [
+            "poll.max_interval: must not be shorter than poll.interval",
+            "poll.batch_size: must be at least 1 (got 0)",
+            "poll.name: `a/b` must be 1 to 64",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "no problem starting with {want:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        let mut e = required();
+        e.extend(env(&[("RELAY_POLL__INTERVAL", "0s")]));
+        let problems = problems_of(RelayConfig::load_from(None, e));
+        assert_eq!(
+            problems,
+            ["poll.interval: must be greater than zero"],
+            "{problems:#?}"
+        );
     }
 }

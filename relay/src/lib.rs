@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod pipeline;
+pub mod poll;
 pub mod replication;
 pub mod shutdown;
 pub mod sink;

@@ -44,6 +44,14 @@ enum Command {
     /// /metrics, /healthz and /readyz on http.listen; notifies systemd (Type=notify) when
     /// streaming.
     Cdc,
+    /// Run the polling relay: read the outbox table below the visibility horizon
+    /// (`txid < pg_snapshot_xmin(pg_current_snapshot())`, cursor `(txid, id)`) into Kafka,
+    /// exactly once (the cursor is the checkpoint in each Kafka transaction). Needs no
+    /// replication slot.
+    ///
+    /// Same plumbing as `cdc`: exit 0 on SIGTERM/SIGINT after committing what is complete,
+    /// exit 1 on a fatal error; /metrics, /healthz, /readyz on http.listen; systemd notify.
+    Poll,
     /// Load and validate the configuration, then print it as it will be used (secrets redacted).
     ///
     /// Exits 0 when valid, printing the effective configuration as JSON on stdout; exits 2 when
@@ -76,7 +84,8 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
-        Command::Cdc => run_cdc(cli.config.as_deref()).await,
+        Command::Cdc => run_relay(cli.config.as_deref(), RelayKind::Cdc).await,
+        Command::Poll => run_relay(cli.config.as_deref(), RelayKind::Poll).await,
         Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
@@ -243,20 +252,37 @@ fn written_at(us: i64) -> String {
     }
 }
 
-async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+/// Runs relay `kind` inside the [`Daemon`] until shutdown or a fatal error.
+async fn run_relay(path: Option<&Path>, kind: RelayKind) -> anyhow::Result<ExitCode> {
     let cfg = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    // Settings before the daemon: a password file that cannot be read fails at once.
+    let cdc = match kind {
+        RelayKind::Cdc => Some(relay::cdc::CdcSettings::from_config(&cfg)?),
+        RelayKind::Poll => {
+            cfg.postgres.connect_options()?;
+            None
+        }
+    };
     let daemon = Daemon::start(&cfg).await?;
-    let result = relay::cdc::run(
-        settings,
+    let (metrics, health, shutdown) = (
         daemon.metrics.clone(),
         daemon.health.clone(),
         daemon.shutdown.clone(),
-    )
-    .await;
+    );
+    let result = match cdc {
+        Some(settings) => relay::cdc::run(settings, metrics, health, shutdown)
+            .await
+            .map_err(|e| e.to_string()),
+        None => {
+            let settings = relay::poll::PollSettings::from_config(&cfg);
+            relay::poll::run(settings, metrics, health, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
     daemon.stop().await;
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -61,6 +61,18 @@ pub mod names {
     pub const UP: &str = "relay_up";
     /// 1 while the relay is connected to Postgres and Kafka and streaming.
     pub const READY: &str = "relay_ready";
+    /// Outbox queries the polling relay ran.
+    pub const POLL_QUERIES_TOTAL: &str = "relay_poll_queries_total";
+    /// Rows one poll returned.
+    pub const POLL_ROWS: &str = "relay_poll_rows";
+    /// Polls that returned no row.
+    pub const POLL_EMPTY_TOTAL: &str = "relay_poll_empty_total";
+    /// Committed outbox rows past the polling relay's last committed checkpoint (counted up to
+    /// a cap, so that measuring a large backlog stays cheap).
+    pub const POLL_CURSOR_LAG_ROWS: &str = "relay_poll_cursor_lag_rows";
+    /// Age (from `created_at`) of the oldest committed outbox row past the polling relay's last
+    /// committed checkpoint; 0 when there is none.
+    pub const POLL_CURSOR_LAG_SECONDS: &str = "relay_poll_cursor_lag_seconds";
 }
 
 /// Declares a label's closed set of values: the enum, its label strings, and `ALL` for
@@ -159,6 +171,17 @@ pub struct Metrics {
     consecutive_failures: IntGaugeVec,
     up: IntGauge,
     ready: IntGauge,
+    poll: PollMetrics,
+}
+
+/// The polling relay's own metrics (see [`names::POLL_QUERIES_TOTAL`] and the names after it).
+#[derive(Clone)]
+struct PollMetrics {
+    queries: IntCounter,
+    rows: Histogram,
+    empty: IntCounter,
+    lag_rows: IntGauge,
+    lag_seconds: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,6 +195,9 @@ impl std::fmt::Debug for Metrics {
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// Rows per poll: 0 (an empty poll) up to past the default `poll.batch_size` (1000).
+const POLL_ROWS_BUCKETS: &[f64] = &[0.0, 1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0];
 
 /// Up to the default `batch.max_events` (1000) and a little past it for large WAL transactions.
 const BATCH_BUCKETS: &[f64] = &[
@@ -299,6 +325,7 @@ impl Metrics {
                     "1 while connected to Postgres and Kafka and streaming.",
                 )?,
             )?,
+            poll: PollMetrics::new(&registry)?,
             registry,
         };
         let build = register(
@@ -431,6 +458,29 @@ impl Metrics {
         self.ready.set(i64::from(ready));
     }
 
+    /// `relay_poll_queries_total`.
+    pub fn poll_queries(&self) -> &IntCounter {
+        &self.poll.queries
+    }
+
+    /// `relay_poll_rows`.
+    pub fn poll_rows(&self) -> &Histogram {
+        &self.poll.rows
+    }
+
+    /// `relay_poll_empty_total`.
+    pub fn poll_empty(&self) -> &IntCounter {
+        &self.poll.empty
+    }
+
+    /// Sets `relay_poll_cursor_lag_rows` and `relay_poll_cursor_lag_seconds`.
+    pub fn set_poll_cursor_lag(&self, rows: u64, seconds: f64) {
+        self.poll
+            .lag_rows
+            .set(i64::try_from(rows).unwrap_or(i64::MAX));
+        self.poll.lag_seconds.set(seconds.max(0.0));
+    }
+
     /// The registry, for components that register metrics of their own (e.g. slot_watch).
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -444,6 +494,48 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl PollMetrics {
+    fn new(registry: &Registry) -> Result<PollMetrics, prometheus::Error> {
+        Ok(PollMetrics {
+            queries: register(
+                registry,
+                IntCounter::new(
+                    names::POLL_QUERIES_TOTAL,
+                    "Outbox queries the polling relay ran.",
+                )?,
+            )?,
+            rows: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(names::POLL_ROWS, "Rows one poll of the outbox returned.")
+                        .buckets(POLL_ROWS_BUCKETS.to_vec()),
+                )?,
+            )?,
+            empty: register(
+                registry,
+                IntCounter::new(
+                    names::POLL_EMPTY_TOTAL,
+                    "Polls of the outbox that returned no row.",
+                )?,
+            )?,
+            lag_rows: register(
+                registry,
+                IntGauge::new(
+                    names::POLL_CURSOR_LAG_ROWS,
+                    "Committed outbox rows past the polling relay's last committed checkpoint (counted up to a cap).",
+                )?,
+            )?,
+            lag_seconds: register(
+                registry,
+                Gauge::new(
+                    names::POLL_CURSOR_LAG_SECONDS,
+                    "Age of the oldest committed outbox row past the polling relay's last committed checkpoint; 0 when none.",
+                )?,
+            )?,
+        })
     }
 }
 
@@ -489,7 +581,7 @@ mod tests {
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            17,
+            22,
             "every metric is gathered from the start"
         );
         for f in &families {
@@ -551,6 +643,18 @@ mod tests {
         assert!(text.contains(r#"relay_events_total{kind="message",relay="poll"} 0"#));
         assert!(text.contains("relay_confirmed_lsn 23803720"));
         assert!(text.contains("relay_skipped_transactions_total 1"));
+        m.poll_rows().observe(0.0);
+        m.poll_empty().inc();
+        m.set_poll_cursor_lag(12, 0.5);
+        let text = m.render();
+        assert!(text.contains("relay_poll_empty_total 1"), "{text}");
+        assert!(
+            text.contains(r#"relay_poll_rows_bucket{le="0"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("relay_poll_cursor_lag_rows 12"), "{text}");
+        assert!(text.contains("relay_poll_cursor_lag_seconds 0.5"), "{text}");
+        assert!(text.contains("relay_poll_queries_total 0"), "{text}");
         assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="0.005"} 1"#));
         assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="30"} 1"#));
     }

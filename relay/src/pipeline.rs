@@ -30,7 +30,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::RelayKind;
 use crate::health::Health;
 use crate::metrics::{Component, EventKind, Metrics, TxnOutcome};
-use crate::outbox::OutRecord;
+use crate::outbox::{Event, OutRecord, TopicError, TopicRouter};
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::{Committed, Sink, SinkError};
@@ -543,6 +543,76 @@ impl DlqRecord {
                 .map(|(k, v)| (format!("original.{k}"), v))
                 .collect(),
         }
+    }
+}
+
+impl DlqRecord {
+    /// The DLQ record of a source row that is not an event (a NULL column, bad headers), of
+    /// class `unmappable_row`.
+    pub fn unmappable_row(self, dlq_topic: Arc<str>) -> (OutRecord, RecordKind) {
+        (
+            self.into_record(dlq_topic, "unmappable_row"),
+            RecordKind::Dlq,
+        )
+    }
+}
+
+/// An event whose `aggregate_type` makes no valid topic (see [`outbox`](crate::outbox)'s
+/// routing rules), from [`route`].
+#[derive(Debug)]
+pub struct Unroutable {
+    pub event: Event,
+    pub why: TopicError,
+}
+
+/// The record of `event` on its topic, or the event back when its aggregate type makes no
+/// valid topic. Both relays route through here, so their records and DLQ records look alike.
+pub fn route(
+    router: &mut TopicRouter,
+    event: Event,
+    kind: EventKind,
+) -> Result<(OutRecord, RecordKind), Box<Unroutable>> {
+    match router.topic(&event.aggregate_type) {
+        Ok(topic) => Ok((event.into_record(topic), RecordKind::Event(kind))),
+        // Boxed: the error path is rare, and the Ok path should not carry its size.
+        Err(why) => Err(Box::new(Unroutable { event, why })),
+    }
+}
+
+impl Unroutable {
+    /// The DLQ record on `dlq_topic` instead: the event's identity, then `source` (the relay's
+    /// position headers: outbox `id`, `lsn` and `xid` or `txid`, and `table`), its key, payload
+    /// and headers.
+    pub fn into_dlq(
+        self: Box<Self>,
+        dlq_topic: Arc<str>,
+        source: Vec<(&'static str, Bytes)>,
+    ) -> (OutRecord, RecordKind) {
+        let Unroutable { event, why } = *self;
+        tracing::warn!(
+            event_id = %event.event_id,
+            error = %why,
+            "event's aggregate_type cannot be a topic; sent to the DLQ topic"
+        );
+        let mut identity = vec![
+            ("event_id", Bytes::from(event.event_id)),
+            ("aggregate_type", Bytes::from(event.aggregate_type)),
+            ("aggregate_id", event.aggregate_id.clone()),
+            ("event_type", Bytes::from(event.event_type)),
+        ];
+        identity.extend(source);
+        let dlq = DlqRecord {
+            reason: why.to_string(),
+            key: event.aggregate_id,
+            value: event.payload,
+            identity,
+            original_headers: event
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v)))
+                .collect(),
+        };
+        (dlq.into_record(dlq_topic, why.class()), RecordKind::Dlq)
     }
 }
 

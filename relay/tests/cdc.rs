@@ -298,7 +298,7 @@ impl Harness {
     }
 }
 
-fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
+pub(crate) fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
     let state = LoadState::default();
     let handles = writers_on(url, 0..n, &state);
     (state, handles)
@@ -322,14 +322,14 @@ fn writers_on(
     .collect()
 }
 
-async fn stop_writers(state: &LoadState, handles: Vec<tokio::task::JoinHandle<()>>) {
+pub(crate) async fn stop_writers(state: &LoadState, handles: Vec<tokio::task::JoinHandle<()>>) {
     state.stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.await;
     }
 }
 
-fn assert_exactly_once(t: &Tally, what: &str) {
+pub(crate) fn assert_exactly_once(t: &Tally, what: &str) {
     eprintln!("{what}: {t:?}");
     assert!(
         t.expected > 100,
@@ -348,6 +348,30 @@ fn assert_exactly_once(t: &Tally, what: &str) {
     assert_eq!(t.delivered, t.expected, "{what}: {t:?}");
 }
 
+/// Starts a relay with `spawn` and SIGKILLs it after a random time in `ms`, `n` times; each
+/// run must still be running when killed. Returns the runs' logs.
+pub(crate) async fn kill_repeatedly(
+    n: usize,
+    ms: std::ops::Range<u64>,
+    spawn: impl Fn() -> RelayProc,
+) -> Vec<std::path::PathBuf> {
+    let mut logs = Vec::new();
+    for i in 0..n {
+        let mut relay = spawn();
+        logs.push(relay.log.clone());
+        let wait = ms.start + rand::random::<u64>() % (ms.end - ms.start);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if let Some(st) = relay.try_status() {
+            panic!(
+                "relay run {i} exited by itself ({st}):\n{}",
+                relay.log_text()
+            );
+        }
+        relay.kill9();
+    }
+    logs
+}
+
 /// While writers commit, the relay is SIGKILLed at random moments 20 times and restarted; a
 /// read_committed reader then finds every committed event exactly once, in per-key order, and
 /// none that rolled back.
@@ -357,20 +381,7 @@ async fn exactly_once_across_sigkills() {
     let h = Harness::new(db.url(), kafka::bootstrap());
     h.create_slot().await;
     let (state, writers) = start_writers(&db.url(), 2);
-    let mut logs = Vec::new();
-    for i in 0..20 {
-        let mut relay = h.spawn();
-        logs.push(relay.log.clone());
-        let ms = 400 + rand::random::<u64>() % 2000;
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        if let Some(st) = relay.try_status() {
-            panic!(
-                "relay run {i} exited by itself ({st}):\n{}",
-                relay.log_text()
-            );
-        }
-        relay.kill9();
-    }
+    let mut logs = kill_repeatedly(20, 400..2400, || h.spawn()).await;
     stop_writers(&state, writers).await;
     let mut relay = h.spawn();
     logs.push(relay.log.clone());

@@ -7,6 +7,7 @@
 mod cdc;
 mod compose;
 mod pgoutput_stream;
+mod poll;
 mod replication_client;
 mod routing;
 mod sink;

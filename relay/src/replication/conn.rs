@@ -961,7 +961,7 @@ pub fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
 }
 
 /// Quotes an identifier: `"` around it, inner `"` doubled.
-fn quote_ident(s: &str) -> String {
+pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
