@@ -237,7 +237,11 @@ async fn a_transaction_committing_out_of_id_order_is_not_skipped() {
         kafka::read_all_from(&p.h.bootstrap, &topic, Isolation::ReadCommitted).await;
     assert!(
         delivered_while_open.iter().all(|r| r.key_str() == "before"),
-        "nothing at or past the open transaction is delivered while it is open"
+        "nothing at or past the open transaction is delivered while it is open: {:?}",
+        delivered_while_open
+            .iter()
+            .map(|r| (r.key_str(), r.header("txid").map(str::to_owned)))
+            .collect::<Vec<_>>()
     );
     held.commit().await.unwrap();
     // The key goes on after the commit.
