@@ -676,6 +676,19 @@ pub struct PollConfig {
     pub batch_size: u32,
     /// Instance name: part of the transactional id and the checkpoint key.
     pub name: String,
+    /// Delete delivered rows (below this relay's committed cursor) older than
+    /// `janitor_retention`. Off by default; enable it only on a polling relay that is the only
+    /// one reading its table (other polling relays' cursors are not known to it).
+    pub janitor: bool,
+    /// Delivered rows younger than this are kept (the window a CDC lost-slot recovery, or a
+    /// re-publication, reads from the table).
+    #[serde(with = "humantime_serde")]
+    pub janitor_retention: Duration,
+    /// Pause between janitor rounds.
+    #[serde(with = "humantime_serde")]
+    pub janitor_interval: Duration,
+    /// Rows one janitor DELETE removes at most (small, so locks and WAL bursts stay small).
+    pub janitor_batch: u32,
 }
 
 impl Default for PollConfig {
@@ -685,6 +698,10 @@ impl Default for PollConfig {
             max_interval: Duration::from_millis(500),
             batch_size: 1000,
             name: "default".to_owned(),
+            janitor: false,
+            janitor_retention: Duration::from_secs(3600),
+            janitor_interval: Duration::from_secs(10),
+            janitor_batch: 500,
         }
     }
 }
@@ -1001,6 +1018,12 @@ impl RelayConfig {
             "must not be shorter than poll.interval".to_owned(),
         );
         at_least(&mut check, "poll.batch_size", self.poll.batch_size, 1);
+        positive(
+            &mut check,
+            "poll.janitor_interval",
+            self.poll.janitor_interval,
+        );
+        at_least(&mut check, "poll.janitor_batch", self.poll.janitor_batch, 1);
         let name = &self.poll.name;
         check(
             !name.is_empty()

@@ -73,6 +73,8 @@ pub mod names {
     /// Age (from `created_at`) of the oldest committed outbox row past the polling relay's last
     /// committed checkpoint; 0 when there is none.
     pub const POLL_CURSOR_LAG_SECONDS: &str = "relay_poll_cursor_lag_seconds";
+    /// Delivered outbox rows the polling relay's janitor deleted.
+    pub const JANITOR_DELETED_ROWS_TOTAL: &str = "relay_janitor_deleted_rows_total";
 }
 
 /// Declares a label's closed set of values: the enum, its label strings, and `ALL` for
@@ -182,6 +184,7 @@ struct PollMetrics {
     empty: IntCounter,
     lag_rows: IntGauge,
     lag_seconds: Gauge,
+    janitor_deleted: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -473,6 +476,11 @@ impl Metrics {
         &self.poll.empty
     }
 
+    /// `relay_janitor_deleted_rows_total`.
+    pub fn janitor_deleted_rows(&self) -> &IntCounter {
+        &self.poll.janitor_deleted
+    }
+
     /// Sets `relay_poll_cursor_lag_rows` and `relay_poll_cursor_lag_seconds`.
     pub fn set_poll_cursor_lag(&self, rows: u64, seconds: f64) {
         self.poll
@@ -535,6 +543,13 @@ impl PollMetrics {
                     "Age of the oldest committed outbox row past the polling relay's last committed checkpoint; 0 when none.",
                 )?,
             )?,
+            janitor_deleted: register(
+                registry,
+                IntCounter::new(
+                    names::JANITOR_DELETED_ROWS_TOTAL,
+                    "Delivered outbox rows the polling relay's janitor deleted.",
+                )?,
+            )?,
         })
     }
 }
@@ -581,7 +596,7 @@ mod tests {
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            22,
+            23,
             "every metric is gathered from the start"
         );
         for f in &families {

@@ -76,6 +76,17 @@
 //! relay stops polling while `batch.max_events` rows wait behind the Kafka commit in flight, so
 //! a slow broker slows reading instead of growing one Kafka transaction without bound.
 //!
+//! ## Janitor
+//!
+//! Off by default (`poll.janitor`). When on, every `poll.janitor_interval` it deletes rows at or
+//! below this relay's *committed* cursor (they are in Kafka) that are older than
+//! `poll.janitor_retention`, oldest first, `poll.janitor_batch` rows per statement, and counts
+//! them (`relay_janitor_deleted_rows_total`). Rows past the cursor are never touched, so it cannot
+//! delete an undelivered row of this relay. The CDC relay reads WAL, not the table, so it does not
+//! need the rows (it sees the deletes and ignores them); the retention keeps the window a CDC
+//! lost-slot recovery reads from the table. Another polling relay's cursor is not known here: enable
+//! the janitor only on a polling relay that is the only one reading its table.
+//!
 //! The SQL connection is tokio-postgres without TLS (`sslmode=prefer` connects in plain text,
 //! `require` fails): the replication client's TLS does not serve it yet.
 
@@ -116,6 +127,16 @@ pub struct PollSettings {
     /// Topic for rows that cannot be mapped to an event (nothing is dropped).
     pub dlq_topic: String,
     pub shutdown_timeout: Duration,
+    /// `None`: the janitor is off.
+    pub janitor: Option<Janitor>,
+}
+
+/// The janitor's settings (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Janitor {
+    pub retention: Duration,
+    pub interval: Duration,
+    pub batch: u32,
 }
 
 impl PollSettings {
@@ -143,6 +164,11 @@ impl PollSettings {
             kafka: KafkaSettings::from_config(cfg, RelayKind::Poll),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             shutdown_timeout: cfg.shutdown.timeout,
+            janitor: cfg.poll.janitor.then_some(Janitor {
+                retention: cfg.poll.janitor_retention,
+                interval: cfg.poll.janitor_interval,
+                batch: cfg.poll.janitor_batch,
+            }),
         }
     }
 
@@ -463,6 +489,23 @@ impl<'a> Session<'a> {
             ))
             .await?;
 
+        // Rows at or below the committed cursor are in Kafka; the janitor deletes those older
+        // than the retention, oldest first, a small batch per statement.
+        let janitor = client
+            .prepare(&format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+                 WHERE (txid, id) <= ($1::text::xid8, $2::int8) \
+                 AND created_at < clock_timestamp() - make_interval(secs => $3::float8) \
+                 ORDER BY txid, id LIMIT $4::int8)"
+            ))
+            .await?;
+        let mut janitor_tick = tokio::time::interval(
+            s.janitor
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |j| j.interval),
+        );
+        janitor_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         let mut cursor = Cursor::of(pipe.committed());
         tracing::info!(table = %s.table(), txid = cursor.txid, id = cursor.id, "polling");
         self.health.set_ready(true);
@@ -511,7 +554,13 @@ impl<'a> Session<'a> {
                     self.metrics
                         .set_poll_cursor_lag(u64::try_from(rows).unwrap_or(0), seconds);
                 }
-                // 5. The next poll.
+                // 5. The janitor, when on: a few small batches, then back to polling.
+                _ = janitor_tick.tick(), if s.janitor.is_some() => {
+                    if let Some(j) = &s.janitor {
+                        self.clean(client, &janitor, j, Cursor::of(pipe.committed())).await?;
+                    }
+                }
+                // 6. The next poll.
                 _ = tokio::time::sleep_until(next_poll), if may_poll => {
                     let n = self.poll(client, &poll, pipe, &mut cursor).await?;
                     waiting += n;
@@ -545,6 +594,37 @@ impl<'a> Session<'a> {
                 timeout_ms = s.shutdown_timeout.as_millis() as u64,
                 "shutdown timed out; the open Kafka transaction is abandoned (it aborts) and is re-read after restart"
             ),
+        }
+        Ok(())
+    }
+
+    /// One janitor round: deletes delivered rows (at or below `committed`) older than the
+    /// retention, `batch` per statement, up to 10 statements (the loop goes on polling between
+    /// rounds); counts them.
+    async fn clean(
+        &self,
+        client: &tokio_postgres::Client,
+        statement: &tokio_postgres::Statement,
+        j: &Janitor,
+        committed: Cursor,
+    ) -> Result<(), PollError> {
+        if committed == Cursor::default() {
+            return Ok(());
+        }
+        let txid = committed.txid.to_string();
+        let retention = j.retention.as_secs_f64();
+        let batch = i64::from(j.batch);
+        for _ in 0..10 {
+            let deleted = bounded(
+                "janitor delete",
+                client.execute(statement, &[&txid, &committed.id, &retention, &batch]),
+                QUERY_TIMEOUT,
+            )
+            .await?;
+            self.metrics.janitor_deleted_rows().inc_by(deleted);
+            if deleted < j.batch.into() {
+                break;
+            }
         }
         Ok(())
     }
