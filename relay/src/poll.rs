@@ -514,7 +514,7 @@ impl<'a> Session<'a> {
         pl::session_healthy(RelayKind::Poll, self.metrics);
 
         let mut next_poll = Instant::now();
-        let mut idle_pause = s.interval;
+        let mut pace = Pace::new(s.interval, s.max_interval);
         // Rows read since the last commit result: at `batch.max_events` the relay waits for
         // the commit in flight before reading more (see the module docs).
         let mut waiting: u64 = 0;
@@ -564,17 +564,7 @@ impl<'a> Session<'a> {
                 _ = tokio::time::sleep_until(next_poll), if may_poll => {
                     let n = self.poll(client, &poll, pipe, &mut cursor).await?;
                     waiting += n;
-                    let now = Instant::now();
-                    if n >= u64::from(s.batch_size) {
-                        next_poll = now;
-                        idle_pause = s.interval;
-                    } else if n > 0 {
-                        next_poll = now + s.interval;
-                        idle_pause = s.interval;
-                    } else {
-                        next_poll = now + idle_pause;
-                        idle_pause = (idle_pause * 2).min(s.max_interval);
-                    }
+                    next_poll = Instant::now() + pace.after(n, s.batch_size);
                 }
             }
         }
@@ -738,6 +728,40 @@ impl<'a> Session<'a> {
     }
 }
 
+/// When to poll next: at once after a full batch, `interval` after a partial one, and while
+/// polls find nothing, a pause doubling from `interval` to `max`.
+#[derive(Debug)]
+struct Pace {
+    interval: Duration,
+    max: Duration,
+    idle: Duration,
+}
+
+impl Pace {
+    fn new(interval: Duration, max: Duration) -> Pace {
+        Pace {
+            interval,
+            max,
+            idle: interval,
+        }
+    }
+
+    /// The pause after a poll that returned `rows` with a limit of `batch`.
+    fn after(&mut self, rows: u64, batch: u32) -> Duration {
+        if rows > 0 {
+            self.idle = self.interval;
+            return if rows >= u64::from(batch) {
+                Duration::ZERO
+            } else {
+                self.interval
+            };
+        }
+        let pause = self.idle;
+        self.idle = (self.idle * 2).min(self.max);
+        pause
+    }
+}
+
 /// A row of the poll query.
 fn parse_row(r: &tokio_postgres::Row) -> Result<Row, PollError> {
     let txid: String = r.try_get(0)?;
@@ -809,5 +833,91 @@ async fn bounded<T, E: Into<PollError>>(
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map_err(Into::into),
         Err(_) => Err(PollError::Timeout(what, limit)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_batches_poll_at_once_and_empty_polls_back_off_to_the_maximum() {
+        let ms = Duration::from_millis;
+        let mut pace = Pace::new(ms(50), ms(500));
+        assert_eq!(pace.after(100, 100), Duration::ZERO);
+        assert_eq!(pace.after(3, 100), ms(50));
+        let empties: Vec<Duration> = (0..6).map(|_| pace.after(0, 100)).collect();
+        assert_eq!(
+            empties,
+            [ms(50), ms(100), ms(200), ms(400), ms(500), ms(500)]
+        );
+        // A row resets the back-off.
+        assert_eq!(pace.after(1, 100), ms(50));
+        assert_eq!(pace.after(0, 100), ms(50));
+    }
+
+    fn row() -> Row {
+        Row {
+            txid: 77,
+            id: 5,
+            event_id: Some("00000000-0000-0000-0000-000000000005".into()),
+            aggregate_type: Some("order".into()),
+            aggregate_id: Some("o-1".into()),
+            event_type: Some("Placed".into()),
+            payload: Some("{\"a\": 1}".into()),
+            headers: Some("{\"trace\": \"t-1\", \"txid\": \"spoof\"}".into()),
+            commit_ts_us: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_row_maps_to_the_shared_envelope_with_its_table_position() {
+        let event = row_event(&row()).unwrap();
+        assert_eq!(event.source, Source::Table { txid: 77, id: 5 });
+        assert_eq!(&event.payload[..], b"{\"a\": 1}");
+        let record = event.into_record("outbox.event.order".into());
+        let header = |k: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("txid").as_deref(), Some("77"));
+        assert_eq!(header("id").as_deref(), Some("5"));
+        assert_eq!(header("commit_ts").as_deref(), Some("1000"));
+        assert_eq!(&record.key[..], b"o-1");
+        // The row's own headers may not replace the relay's.
+        assert_eq!(record.extra_headers.len(), 1);
+        assert_eq!(record.extra_headers[0].0, "trace");
+    }
+
+    #[test]
+    fn a_row_that_is_not_an_event_says_why() {
+        let mut r = row();
+        r.aggregate_id = None;
+        assert_eq!(row_event(&r).unwrap_err(), "column aggregate_id is NULL");
+        let mut r = row();
+        r.headers = Some("[1]".into());
+        assert!(row_event(&r).unwrap_err().contains("JSON object"));
+    }
+
+    #[test]
+    fn only_connection_trouble_is_retried() {
+        let e = PollError::Timeout("poll query", QUERY_TIMEOUT);
+        assert_eq!(SessionError::disposition(&e), Disposition::Retry);
+        for fatal in [
+            PollError::Columns,
+            PollError::CursorAhead {
+                cursor: 10,
+                next: 9,
+            },
+            PollError::SystemMismatch {
+                checkpoint: 1,
+                server: 2,
+            },
+        ] {
+            assert_eq!(SessionError::disposition(&fatal), Disposition::Fatal);
+        }
     }
 }
