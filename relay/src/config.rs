@@ -689,6 +689,9 @@ pub struct PollConfig {
     pub janitor_interval: Duration,
     /// Rows one janitor DELETE removes at most (small, so locks and WAL bursts stay small).
     pub janitor_batch: u32,
+    /// LISTEN on this channel: a `NOTIFY` from the writers starts the next poll at once. Off
+    /// when unset.
+    pub notify_channel: Option<String>,
 }
 
 impl Default for PollConfig {
@@ -702,6 +705,7 @@ impl Default for PollConfig {
             janitor_retention: Duration::from_secs(3600),
             janitor_interval: Duration::from_secs(10),
             janitor_batch: 500,
+            notify_channel: None,
         }
     }
 }
@@ -1024,6 +1028,13 @@ impl RelayConfig {
             self.poll.janitor_interval,
         );
         at_least(&mut check, "poll.janitor_batch", self.poll.janitor_batch, 1);
+        if let Some(channel) = &self.poll.notify_channel {
+            check(
+                !channel.is_empty() && channel.len() <= 63,
+                "poll.notify_channel",
+                "must be 1 to 63 bytes (a Postgres identifier)".to_owned(),
+            );
+        }
         let name = &self.poll.name;
         check(
             !name.is_empty()
@@ -1693,6 +1704,26 @@ mod tests {
             "poll.max_interval: must not be shorter than poll.interval",
             "poll.batch_size: must be at least 1 (got 0)",
             "poll.name: `a/b` must be 1 to 64",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "no problem starting with {want:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(!c.poll.janitor, "the janitor is off by default");
+        assert_eq!(c.poll.notify_channel, None);
+        let mut e = required();
+        e.extend(env(&[
+            ("RELAY_POLL__JANITOR_BATCH", "0"),
+            ("RELAY_POLL__JANITOR_INTERVAL", "0s"),
+            ("RELAY_POLL__NOTIFY_CHANNEL", ""),
+        ]));
+        let problems = problems_of(RelayConfig::load_from(None, e));
+        for want in [
+            "poll.janitor_interval: must be greater than zero",
+            "poll.janitor_batch: must be at least 1",
+            "poll.notify_channel: must be 1 to 63 bytes",
         ] {
             assert!(
                 problems.iter().any(|p| p.starts_with(want)),

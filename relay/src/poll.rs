@@ -76,6 +76,17 @@
 //! relay stops polling while `batch.max_events` rows wait behind the Kafka commit in flight, so
 //! a slow broker slows reading instead of growing one Kafka transaction without bound.
 //!
+//! ## LISTEN/NOTIFY wake-up
+//!
+//! With `poll.notify_channel` set, the relay LISTENs on that channel and a notification starts
+//! the next poll at once instead of at the end of the pause, so `poll.max_interval` can be long
+//! (little load on an idle database) without the first event after a quiet spell waiting for
+//! it. The writers notify (`NOTIFY <channel>` in their transaction, or a statement-level trigger
+//! on the outbox). It only wakes the poller: what a poll reads, and so correctness, does not
+//! depend on it, and a notification lost with a broken connection costs one pause at most.
+//! NOTIFY serializes committing transactions on a cluster-wide lock, which is why it is off by
+//! default.
+//!
 //! ## Janitor
 //!
 //! Off by default (`poll.janitor`). When on, every `poll.janitor_interval` it deletes rows at or
@@ -129,6 +140,8 @@ pub struct PollSettings {
     pub shutdown_timeout: Duration,
     /// `None`: the janitor is off.
     pub janitor: Option<Janitor>,
+    /// LISTEN on this channel; a notification starts the next poll at once.
+    pub notify_channel: Option<String>,
 }
 
 /// The janitor's settings (see the module docs).
@@ -169,6 +182,7 @@ impl PollSettings {
                 interval: cfg.poll.janitor_interval,
                 batch: cfg.poll.janitor_batch,
             }),
+            notify_channel: cfg.poll.notify_channel.clone(),
         }
     }
 
@@ -366,12 +380,34 @@ impl<'a> Session<'a> {
             s.postgres.connect_timeout + QUERY_TIMEOUT,
         )
         .await?;
+        // The connection task drives the socket and hands on notifications (LISTEN wake-ups).
+        let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(1);
+        let mut conn = conn;
         let conn_task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "poll connection ended");
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                        // One pending wake-up is enough: the poll reads everything there is.
+                        let _ = wake_tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "poll connection ended");
+                        break;
+                    }
+                }
             }
         });
-        let result = self.with_connection(&client, poison).await;
+        if let Some(channel) = &s.notify_channel {
+            bounded(
+                "LISTEN",
+                client.batch_execute(&format!("LISTEN {}", quote_ident(channel))),
+                QUERY_TIMEOUT,
+            )
+            .await?;
+        }
+        let result = self.with_connection(&client, poison, &mut wake).await;
         drop(client);
         conn_task.abort();
         result
@@ -381,6 +417,7 @@ impl<'a> Session<'a> {
         &mut self,
         client: &tokio_postgres::Client,
         poison: &Poison,
+        wake: &mut tokio::sync::mpsc::Receiver<()>,
     ) -> Result<(), PollError> {
         let s = self.s;
         let server = bounded("system identifier query", system_id(client), QUERY_TIMEOUT).await?;
@@ -415,7 +452,7 @@ impl<'a> Session<'a> {
         )
         .with_transaction_timeout(s.kafka.transaction_timeout);
         let result = match self.preflight(client, pipe.committed(), server).await {
-            Ok(()) => self.poll_loop(client, &mut pipe, commit_ts).await,
+            Ok(()) => self.poll_loop(client, &mut pipe, commit_ts, wake).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -469,6 +506,7 @@ impl<'a> Session<'a> {
         client: &tokio_postgres::Client,
         pipe: &mut Pipeline,
         commit_ts: bool,
+        wake: &mut tokio::sync::mpsc::Receiver<()>,
     ) -> Result<(), PollError> {
         let s = self.s;
         let table = s.table_sql();
@@ -560,7 +598,11 @@ impl<'a> Session<'a> {
                         self.clean(client, &janitor, j, Cursor::of(pipe.committed())).await?;
                     }
                 }
-                // 6. The next poll.
+                // 6. A notification on poll.notify_channel: poll now, not at the end of the pause.
+                Some(()) = wake.recv() => {
+                    next_poll = Instant::now();
+                }
+                // 7. The next poll.
                 _ = tokio::time::sleep_until(next_poll), if may_poll => {
                     let n = self.poll(client, &poll, pipe, &mut cursor).await?;
                     waiting += n;
