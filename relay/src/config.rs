@@ -1669,6 +1669,18 @@ mod tests {
         assert_eq!(c.poll.batch_size, d.poll.batch_size);
     }
 
+    /// `result` is invalid with one problem starting with each of `want`, and no other.
+    fn exactly_these_problems(result: Result<RelayConfig, ConfigError>, want: &[&str]) {
+        let problems = problems_of(result);
+        for w in want {
+            assert!(
+                problems.iter().any(|p| p.starts_with(w)),
+                "no problem starting with {w:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), want.len(), "{problems:#?}");
+    }
+
     /// `relay check-config` validates the `[poll]` section: a valid one loads with its values,
     /// and every broken rule is named by its key.
     #[test]
@@ -1699,18 +1711,14 @@ mod tests {
             "[postgres]\nurl = \"postgres://u@h/db\"\n[kafka]\nbootstrap_servers = \"k:9092\"\n\
              [poll]\ninterval = \"1s\"\nmax_interval = \"100ms\"\nbatch_size = 0\nname = \"a/b\"\n",
         );
-        let problems = problems_of(RelayConfig::load_from(Some(&f.0), env(&[])));
-        for want in [
-            "poll.max_interval: must not be shorter than poll.interval",
-            "poll.batch_size: must be at least 1 (got 0)",
-            "poll.name: `a/b` must be 1 to 64",
-        ] {
-            assert!(
-                problems.iter().any(|p| p.starts_with(want)),
-                "no problem starting with {want:?} in {problems:#?}"
-            );
-        }
-        assert_eq!(problems.len(), 3, "{problems:#?}");
+        exactly_these_problems(
+            RelayConfig::load_from(Some(&f.0), env(&[])),
+            &[
+                "poll.max_interval: must not be shorter than poll.interval",
+                "poll.batch_size: must be at least 1 (got 0)",
+                "poll.name: `a/b` must be 1 to 64",
+            ],
+        );
         assert!(!c.poll.janitor, "the janitor is off by default");
         assert_eq!(c.poll.notify_channel, None);
         let mut e = required();
@@ -1719,18 +1727,14 @@ mod tests {
             ("RELAY_POLL__JANITOR_INTERVAL", "0s"),
             ("RELAY_POLL__NOTIFY_CHANNEL", ""),
         ]));
-        let problems = problems_of(RelayConfig::load_from(None, e));
-        for want in [
-            "poll.janitor_interval: must be greater than zero",
-            "poll.janitor_batch: must be at least 1",
-            "poll.notify_channel: must be 1 to 63 bytes",
-        ] {
-            assert!(
-                problems.iter().any(|p| p.starts_with(want)),
-                "no problem starting with {want:?} in {problems:#?}"
-            );
-        }
-        assert_eq!(problems.len(), 3, "{problems:#?}");
+        exactly_these_problems(
+            RelayConfig::load_from(None, e),
+            &[
+                "poll.janitor_interval: must be greater than zero",
+                "poll.janitor_batch: must be at least 1",
+                "poll.notify_channel: must be 1 to 63 bytes",
+            ],
+        );
         let mut e = required();
         e.extend(env(&[("RELAY_POLL__INTERVAL", "0s")]));
         let problems = problems_of(RelayConfig::load_from(None, e));
