@@ -53,6 +53,7 @@ use crate::replication::conn::{
     SnapshotAction, StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
+use crate::replication::timeline;
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings};
@@ -134,6 +135,8 @@ pub enum CdcError {
     PublicationMissingTable { publication: String, table: String },
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
     SystemMismatch { checkpoint: u64, server: u64 },
+    #[error(transparent)]
+    Timeline(#[from] crate::replication::timeline::TimelineError),
     #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
     OutboxColumn {
         table: String,
@@ -153,8 +156,11 @@ pub enum CdcError {
 pub enum Disposition {
     /// Reconnect with backoff and resume from the last committed checkpoint.
     Retry,
-    /// The operator must act; exit non-zero.
+    /// Exit non-zero; a restart may help once the cause is gone (exit code 1).
     Fatal,
+    /// Resuming could skip or misplace events: refuse until an operator decides (exit code 3;
+    /// restarting refuses again).
+    Refuse,
 }
 
 impl CdcError {
@@ -167,6 +173,12 @@ impl CdcError {
             CdcError::SlotInUse { .. } | CdcError::StreamEnded | CdcError::Timeout(..) => {
                 Disposition::Retry
             }
+            CdcError::Timeline(e) if e.is_transient() => Disposition::Retry,
+            CdcError::SlotDropped { .. }
+            | CdcError::SlotAhead { .. }
+            | CdcError::SlotLost(_)
+            | CdcError::SystemMismatch { .. }
+            | CdcError::Timeline(_) => Disposition::Refuse,
             _ => Disposition::Fatal,
         }
     }
@@ -209,7 +221,7 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
-                tracing::error!(error = %e, "cdc relay stopped: operator action needed");
+                tracing::error!(error = %e, slot = %settings.slot, "cdc relay stopped: operator action needed");
                 health.set_healthy(false);
                 return Err(e);
             }
@@ -432,7 +444,9 @@ impl<'a> Session<'a> {
     /// and the relay's checkpoint. A missing slot is created only when there is no checkpoint:
     /// with one, the slot was dropped, and a new slot would start after events that may never
     /// have been relayed. A slot confirmed past the checkpoint was moved by something else; the
-    /// events in between cannot be read from it. Both are refused rather than skipped.
+    /// events in between cannot be read from it. Both are refused rather than skipped, as is a
+    /// checkpoint from another timeline past the point where the server's timeline forked from it
+    /// (`replication::timeline`).
     async fn slot_position(
         &mut self,
         sql: &mut ReplicationClient,
@@ -447,6 +461,7 @@ impl<'a> Session<'a> {
                     server: self.system_id,
                 });
             }
+            timeline::check_resume(sql, cp.end_lsn(), cp.timeline, self.timeline).await?;
         }
         match (slot, checkpoint) {
             (Some(confirmed), Some(cp)) if confirmed > cp.end_lsn() => Err(CdcError::SlotAhead {
@@ -1011,7 +1026,13 @@ impl<'a> Session<'a> {
                 }
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
-                        let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
+                        let event = me.into_event(
+                            self.system_id,
+                            self.timeline,
+                            m.lsn.0,
+                            xid,
+                            commit_ts_us,
+                        );
                         Ok(Some(self.publish(event, EventKind::Message)))
                     }
                     Err(why) => {

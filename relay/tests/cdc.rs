@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
-struct Harness {
-    db_url: String,
-    bootstrap: String,
-    slot: String,
-    prefix: String,
-    checkpoint_topic: String,
-    txn_id: String,
+pub(crate) struct Harness {
+    pub(crate) db_url: String,
+    pub(crate) bootstrap: String,
+    pub(crate) slot: String,
+    pub(crate) prefix: String,
+    pub(crate) checkpoint_topic: String,
+    pub(crate) txn_id: String,
 }
 
 impl Harness {
-    fn new(db_url: String, bootstrap: String) -> Harness {
+    pub(crate) fn new(db_url: String, bootstrap: String) -> Harness {
         Harness {
             db_url,
             bootstrap,
@@ -32,7 +32,19 @@ impl Harness {
         }
     }
 
-    fn env(&self) -> RelayEnv {
+    /// The same relay (slot, topics, checkpoint, transactional id) pointed at another database.
+    pub(crate) fn on(&self, db_url: String) -> Harness {
+        Harness {
+            db_url,
+            bootstrap: self.bootstrap.clone(),
+            slot: self.slot.clone(),
+            prefix: self.prefix.clone(),
+            checkpoint_topic: self.checkpoint_topic.clone(),
+            txn_id: self.txn_id.clone(),
+        }
+    }
+
+    pub(crate) fn env(&self) -> RelayEnv {
         let mut e = RelayEnv::default();
         e.set("RELAY_POSTGRES__URL", &self.db_url)
             .set("RELAY_KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap)
@@ -54,7 +66,7 @@ impl Harness {
         e
     }
 
-    fn spawn(&self) -> RelayProc {
+    pub(crate) fn spawn(&self) -> RelayProc {
         RelayProc::spawn(&["cdc"], &self.env())
     }
 
@@ -85,7 +97,7 @@ impl Harness {
             .collect()
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(&self.db_url, NoTls)
             .await
             .expect("connect");
@@ -95,7 +107,7 @@ impl Harness {
         c
     }
 
-    async fn create_slot(&self) {
+    pub(crate) async fn create_slot(&self) {
         self.client()
             .await
             .execute(
@@ -108,7 +120,7 @@ impl Harness {
 
     /// Waits until the slot is confirmed past everything written so far (heartbeats move it
     /// on once the outbox is quiet), so every committed event is in Kafka.
-    async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
+    pub(crate) async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut target: Option<String> = None;
         loop {
@@ -152,7 +164,7 @@ impl Harness {
     }
 
     /// The `end_lsn` of the last checkpoint committed to Kafka.
-    async fn last_checkpoint_end(&self) -> u64 {
+    pub(crate) async fn last_checkpoint_end(&self) -> u64 {
         let checkpoints = kafka::read_all_from(
             &self.bootstrap,
             &self.checkpoint_topic,
@@ -168,7 +180,7 @@ impl Harness {
     }
 
     /// The slot's `confirmed_flush_lsn`.
-    async fn slot_confirmed(&self) -> relay::replication::Lsn {
+    pub(crate) async fn slot_confirmed(&self) -> relay::replication::Lsn {
         let confirmed: String = self
             .client()
             .await
@@ -552,7 +564,7 @@ async fn exactly_once_across_a_broker_restart() {
 }
 
 /// Inserts one outbox row for aggregate `agg` (payload `{"seq": 1}`); returns its event id.
-async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
+pub(crate) async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
     c.execute(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
@@ -566,7 +578,7 @@ async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
 
 impl Harness {
     /// How many records of the `order` topic carry `id` (read_committed).
-    async fn copies_of(&self, id: uuid::Uuid) -> usize {
+    pub(crate) async fn copies_of(&self, id: uuid::Uuid) -> usize {
         kafka::read_all_from(
             &self.bootstrap,
             &format!("{}.order", self.prefix),
@@ -579,7 +591,7 @@ impl Harness {
     }
 
     /// Runs the relay until it has relayed what is committed, then stops it (exit 0).
-    async fn run_until_caught_up(&self) {
+    pub(crate) async fn run_until_caught_up(&self) {
         let mut relay = self.spawn();
         self.wait_caught_up(&mut relay, Duration::from_secs(60))
             .await;
@@ -587,20 +599,23 @@ impl Harness {
         assert!(st.success(), "{}", relay.log_text());
     }
 
-    /// Starts `relay cdc` and expects it to exit 1 by itself with a log containing `needle`.
-    fn expect_refusal(&self, needle: &str) {
+    /// Starts `relay cdc` and expects it to exit with `code` by itself, with a log containing
+    /// `needle` (3: a refusal to protect events, 1: a failure a restart may cure; see
+    /// `relay::exit`). Returns the log.
+    pub(crate) fn expect_refusal(&self, code: i32, needle: &str) -> String {
         let mut relay = self.spawn();
         let st = relay
             .wait_exit(Duration::from_secs(60))
             .expect("the relay exits by itself");
         let log = relay.log_text();
-        assert_eq!(st.code(), Some(1), "{log}");
+        assert_eq!(st.code(), Some(code), "{log}");
         assert!(log.contains(needle), "no {needle:?} in:\n{log}");
         assert!(log.contains(&self.slot), "the slot is not named:\n{log}");
+        log
     }
 }
 
-/// A slot dropped while the relay was stopped: the relay refuses to start (exit 1, naming the
+/// A slot dropped while the relay was stopped: the relay refuses to start (exit 3, naming the
 /// slot and its checkpoint) instead of creating a new slot that would begin after events it never
 /// relayed. `relay reset-checkpoint` records the operator's decision; then the relay runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -616,7 +631,10 @@ async fn a_dropped_slot_is_refused_until_the_checkpoint_is_reset() {
         .await
         .unwrap();
     insert_event(&c, "a-2").await;
-    h.expect_refusal("does not exist, but the relay's checkpoint in Kafka is at");
+    h.expect_refusal(
+        3,
+        "does not exist, but the relay's checkpoint in Kafka is at",
+    );
     let slots: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
@@ -661,7 +679,7 @@ async fn a_slot_moved_past_the_checkpoint_is_refused() {
     )
     .await
     .unwrap();
-    h.expect_refusal("past the relay's checkpoint in Kafka");
+    h.expect_refusal(3, "past the relay's checkpoint in Kafka");
 }
 
 /// A slot of another output plugin is refused with a message naming it.
@@ -677,7 +695,7 @@ async fn a_slot_of_another_plugin_is_refused() {
         )
         .await
         .unwrap();
-    h.expect_refusal("uses the output plugin \\\"test_decoding\\\"");
+    h.expect_refusal(1, "uses the output plugin \\\"test_decoding\\\"");
 }
 
 /// A slot another reader holds: the relay says so and retries (it does not exit), then streams

@@ -6,6 +6,8 @@
 
 mod cdc;
 mod compose;
+mod exits;
+mod failover;
 mod pgoutput_stream;
 mod replication_client;
 mod sink;
