@@ -8,6 +8,7 @@ mod cdc;
 mod compose;
 mod exits;
 mod failover;
+mod kafka_reader;
 mod pgoutput_stream;
 mod replication_client;
 mod sink;
