@@ -330,3 +330,72 @@ async fn a_checkpoint_past_the_fork_is_refused() {
     );
     drop(primary);
 }
+
+/// A data directory copied back (a disk snapshot restored: same system identifier, same
+/// timeline, the slot as it was) after the relay had read further: the server's WAL now ends
+/// before the relay's checkpoint, and streaming from the checkpoint would skip what the server
+/// commits anew up to it. The relay refuses with exit 3, naming the checkpoint, and relays
+/// nothing of what was committed after the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_directory_copied_back_is_refused() {
+    let pg = blocking(PgCluster::start).await;
+    relay::migrate::run(&pg.url("postgres"))
+        .await
+        .expect("migrate");
+    let h = Harness::new(pg.url("postgres"), kafka::bootstrap());
+    h.create_slot().await;
+    insert_events(&h.client().await, "a", 5).await;
+    h.run_until_caught_up().await;
+    let (pg, snapshot) = blocking(move || {
+        pg.stop_within("fast", 60).expect("stops");
+        let snapshot = pg.copy_data();
+        pg.start_again();
+        (pg, snapshot)
+    })
+    .await;
+    insert_events(&h.client().await, "b", 50).await;
+    h.run_until_caught_up().await;
+    let cp = last_checkpoint(&h).await;
+    let cp_end = Lsn(cp["end_lsn"].as_u64().unwrap());
+    let pg = blocking(move || {
+        pg.stop_within("fast", 60).expect("stops");
+        pg.put_back_data(&snapshot);
+        pg.start_again();
+        pg
+    })
+    .await;
+    let c = h.client().await;
+    let lost = insert_events(&c, "c", 5).await;
+    let end: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let end: Lsn = end.parse().unwrap();
+    assert!(
+        end < cp_end,
+        "premise: the server ({end}) is behind the checkpoint ({cp_end})"
+    );
+    assert_eq!(timeline_of(&c).await, 1, "premise: no timeline switch");
+    let slot = h.slot_confirmed().await;
+    assert!(
+        slot <= cp_end,
+        "premise: the restored slot ({slot}) is not past the checkpoint"
+    );
+
+    let log = h.expect_refusal(3, "has lost WAL the relay had read");
+    assert!(
+        log.contains(&cp_end.to_string()),
+        "the checkpoint is named:\n{log}"
+    );
+    let (counts, _) = delivered(&h).await;
+    let relayed = lost
+        .iter()
+        .filter(|id| counts.contains_key(&id.to_string()))
+        .count();
+    assert_eq!(
+        relayed, 0,
+        "nothing committed after the restore was relayed"
+    );
+    drop(pg);
+}

@@ -14,8 +14,9 @@ use relay::replication::Lsn;
 fuzz_target!(|data: &[u8]| {
     if let Ok(history) = TimelineHistory::parse(data) {
         for e in history.entries() {
-            let _ = judge(Some(&history), e.switchpoint, e.timeline, u32::MAX);
-            let _ = judge(Some(&history), Lsn(e.switchpoint.0.wrapping_add(1)), e.timeline, 2);
+            let _ = judge(Some(&history), e.switchpoint, e.timeline, u32::MAX, Lsn(u64::MAX));
+            let next = Lsn(e.switchpoint.0.wrapping_add(1));
+            let _ = judge(Some(&history), next, e.timeline, e.timeline, e.switchpoint);
         }
     }
 });

@@ -21,7 +21,9 @@
 //! taken on WAL the new timeline does not have: resuming would skip every transaction the new
 //! timeline committed between the switch point and the checkpoint, so the relay refuses and the
 //! operator decides (RUNBOOK.md, 'Failover and restore'). A checkpoint whose timeline is not in
-//! the history at all (a later timeline than the server's, or another branch) is refused too.
+//! the history at all (a later timeline than the server's, or another branch) is refused too, and
+//! so is a checkpoint on the server's own timeline that lies past the server's flushed WAL (a disk
+//! snapshot or data directory restored: WAL lost without a timeline switch).
 //!
 //! The history file is external input: [`TimelineHistory::parse`] checks every line and never
 //! panics. Its format (Postgres's `timeline.c`): one line per ancestor timeline,
@@ -156,6 +158,12 @@ pub enum TimelineError {
         server_timeline: u32,
         switchpoint: Lsn,
     },
+    #[error("the relay's checkpoint is at {checkpoint} on timeline {timeline}, but this server's WAL on that timeline ends at {server_end}: the server has lost WAL the relay had read (restored from a disk snapshot or a copy of the data directory, which keeps the timeline). Events committed since the restore up to {checkpoint} would be skipped. Refusing to resume. See RUNBOOK.md, 'Failover and restore'")]
+    AheadOfServer {
+        checkpoint: Lsn,
+        timeline: u32,
+        server_end: Lsn,
+    },
     #[error("the relay's checkpoint is at {checkpoint} on timeline {checkpoint_timeline}, which is not an ancestor of this server's timeline {server_timeline} (ancestors: {ancestors}): its positions name other WAL here (a restore to an older point, or another branch of a failover). Refusing to resume. See RUNBOOK.md, 'Failover and restore'")]
     NotAncestor {
         checkpoint: Lsn,
@@ -183,15 +191,29 @@ pub enum Resume {
 }
 
 /// Decides whether a checkpoint at `checkpoint` on `checkpoint_timeline` may be resumed from on
-/// a server whose current timeline is `server_timeline`, given that timeline's history (`None`
-/// when it has none, as timeline 1). Pure: [`check_resume`] fetches the history.
+/// a server whose current timeline is `server_timeline` and whose WAL is flushed up to
+/// `server_end`, given that timeline's history (`None` when it has none, as timeline 1). Pure:
+/// [`check_resume`] asks the server.
+///
+/// On the same timeline the checkpoint can never lie past the server's flushed WAL: the relay
+/// only checkpoints positions the walsender sent, and logical decoding reads flushed WAL only.
+/// If it does, the server lost WAL without switching timelines (a disk snapshot or a data
+/// directory copied back), and streaming from the checkpoint would skip what it writes anew.
 pub fn judge(
     history: Option<&TimelineHistory>,
     checkpoint: Lsn,
     checkpoint_timeline: u32,
     server_timeline: u32,
+    server_end: Lsn,
 ) -> Result<Resume, TimelineError> {
     if checkpoint_timeline == server_timeline {
+        if checkpoint > server_end {
+            return Err(TimelineError::AheadOfServer {
+                checkpoint,
+                timeline: server_timeline,
+                server_end,
+            });
+        }
         return Ok(Resume::SameTimeline);
     }
     let switchpoint = history.and_then(|h| h.switchpoint(checkpoint_timeline));
@@ -228,9 +250,11 @@ fn ancestors(history: Option<&TimelineHistory>) -> String {
     }
 }
 
-/// [`judge`] with the history read from the server: `TIMELINE_HISTORY` is asked only when the
-/// timelines differ and the server's could have the checkpoint's as an ancestor (a timeline's
-/// ancestors have smaller IDs; timeline 1 has no history file).
+/// [`judge`] with what the server says: its flushed WAL position (`IDENTIFY_SYSTEM`) and, only
+/// when the timelines differ and the server's could have the checkpoint's as an ancestor (a
+/// timeline's ancestors have smaller IDs; timeline 1 has no history file), its history
+/// (`TIMELINE_HISTORY`). `server_timeline` is the timeline the caller identified and records in
+/// its checkpoints.
 pub async fn check_resume(
     client: &mut ReplicationClient,
     checkpoint: Lsn,
@@ -251,11 +275,13 @@ pub async fn check_resume(
     } else {
         None
     };
+    let server_end = client.identify_system().await?.xlogpos;
     let resume = judge(
         history.as_ref(),
         checkpoint,
         checkpoint_timeline,
         server_timeline,
+        server_end,
     )?;
     if let Resume::Ancestor { switchpoint } = resume {
         tracing::info!(
@@ -348,8 +374,14 @@ mod tests {
     #[test]
     fn judges_checkpoints_against_the_fork() {
         let h = TimelineHistory::parse(TL3).unwrap();
-        let at = |lsn: u64, tl: u32| judge(Some(&h), Lsn(lsn), tl, 3);
+        let end = Lsn(0x600_0000);
+        let at = |lsn: u64, tl: u32| judge(Some(&h), Lsn(lsn), tl, 3, end);
         assert_eq!(at(0x500_0188, 3).unwrap(), Resume::SameTimeline);
+        assert_eq!(at(0x600_0000, 3).unwrap(), Resume::SameTimeline);
+        // Past the server's flushed WAL on the same timeline: WAL was lost.
+        let e = at(0x600_0001, 3).unwrap_err();
+        assert!(matches!(e, TimelineError::AheadOfServer { .. }), "{e}");
+        assert!(e.to_string().contains("0/6000001") && e.to_string().contains("0/6000000"));
         // At or before where its timeline ended: the same WAL on timeline 3.
         assert_eq!(
             at(0x300_0060, 1).unwrap(),
@@ -372,7 +404,7 @@ mod tests {
             let e = at(0x100, tl).unwrap_err();
             assert!(matches!(e, TimelineError::NotAncestor { .. }), "{e}");
         }
-        let e = judge(None, Lsn(1), 2, 1).unwrap_err();
+        let e = judge(None, Lsn(1), 2, 1, end).unwrap_err();
         assert!(e.to_string().contains("ancestors: none"), "{e}");
     }
 
@@ -442,7 +474,7 @@ mod tests {
                 let (tl, sw) = entries[pick % entries.len()];
                 let server = entries.last().map_or(1, |e| e.0) + 1;
                 let cp = sw.saturating_add_signed(offset);
-                let verdict = judge(Some(&h), Lsn(cp), tl, server);
+                let verdict = judge(Some(&h), Lsn(cp), tl, server, Lsn(u64::MAX));
                 prop_assert_eq!(verdict.is_ok(), cp <= sw);
             }
         }

@@ -155,6 +155,35 @@ impl PgCluster {
         );
     }
 
+    /// Copies the stopped cluster's data directory aside (as a disk snapshot would) and returns
+    /// where the copy is.
+    pub fn copy_data(&self) -> PathBuf {
+        let copy = self.dir.join(unique_name("data_copy"));
+        self.run_as_postgres("cp", &[&self.dir.join("data"), &copy], "-a");
+        copy
+    }
+
+    /// Replaces the stopped cluster's data directory with `copy` (from [`Self::copy_data`]), as
+    /// restoring a disk snapshot would: same system identifier, same timeline, older WAL.
+    pub fn put_back_data(&self, copy: &Path) {
+        let data = self.dir.join("data");
+        self.run_as_postgres("rm", &[&data], "-rf");
+        self.run_as_postgres("mv", &[copy, &data], "-T");
+    }
+
+    fn run_as_postgres(&self, program: &str, paths: &[&Path], flag: &str) {
+        let out = pg_command(Path::new(program))
+            .arg(flag)
+            .args(paths)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {paths:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Copies the replication slot `slot` from `primary`'s data directory into this (stopped)
     /// cluster's, as failover tooling does for logical slots before Postgres 17 (Postgres 15
     /// neither replicates slots nor creates logical ones on a standby). The slot is loaded when
@@ -162,17 +191,7 @@ impl PgCluster {
     pub fn copy_slot_from(&self, primary: &PgCluster, slot: &str) {
         let from = primary.dir.join("data").join("pg_replslot").join(slot);
         let to = self.dir.join("data").join("pg_replslot");
-        let out = pg_command(Path::new("cp"))
-            .arg("-a")
-            .arg(&from)
-            .arg(&to)
-            .output()
-            .expect("run cp");
-        assert!(
-            out.status.success(),
-            "copy slot {slot}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.run_as_postgres("cp", &[&from, &to], "-a");
     }
 
     fn pg_ctl(&self, args: &[&str]) {
