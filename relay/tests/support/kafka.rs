@@ -137,8 +137,8 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
             Instant::now() < deadline,
             "reading {topic} did not reach the end offsets {end:?} in 120 s (a transaction left open?)"
         );
-        match consumer.poll(Duration::from_millis(200)) {
-            None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
+        let check = match consumer.poll(Duration::from_millis(200)) {
+            None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => true,
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             Some(Ok(m)) => {
                 let mut headers = HashMap::new();
@@ -157,7 +157,12 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
                     value: m.payload().map(<[u8]>::to_vec),
                     headers,
                 });
+                // Between messages only now and then: a large topic is read message by message.
+                out.len() % 1000 == 0
             }
+        };
+        if !check {
+            continue;
         }
         // The position moves past transaction markers and aborted records too, which are never
         // returned as messages, so it reaches the end offset even when the last record is one.
