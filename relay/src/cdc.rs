@@ -164,7 +164,7 @@ pub enum Disposition {
 }
 
 impl CdcError {
-    /// One `match` deciding retry or fatal. The retryable list is deliberately short: unknown
+    /// One `match` deciding retry, fatal or refuse. The retryable list is deliberately short: unknown
     /// errors are not retried blindly.
     pub fn disposition(&self) -> Disposition {
         match self {
