@@ -261,10 +261,7 @@ pub async fn check_resume(
     checkpoint_timeline: u32,
     server_timeline: u32,
 ) -> Result<Resume, TimelineError> {
-    let history = if checkpoint_timeline != server_timeline
-        && checkpoint_timeline != 0
-        && checkpoint_timeline < server_timeline
-    {
+    let history = if checkpoint_timeline != 0 && checkpoint_timeline < server_timeline {
         let file = client.timeline_history(server_timeline).await?;
         let history =
             TimelineHistory::parse(&file.content).map_err(|source| TimelineError::History {
