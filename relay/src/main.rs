@@ -58,8 +58,10 @@ enum Command {
     /// fenced and exits 1).
     ///
     /// `relay cdc` refuses to start when its slot was dropped while a checkpoint exists, when
-    /// the slot is confirmed past the checkpoint, or when the checkpoint comes from another
-    /// Postgres cluster: in each case events may be missing and only the operator can decide.
+    /// the slot is confirmed past the checkpoint, when the checkpoint comes from another
+    /// Postgres cluster, or when it lies in WAL this server does not have (another timeline past
+    /// its fork point, a restored snapshot): in each case events may be missing and only the
+    /// operator can decide.
     /// This command records that decision: events committed between the old checkpoint and the
     /// slot's position are not relayed from WAL. It prints both positions and the old
     /// checkpoint's time; re-publish the outbox rows created since then (see RUNBOOK.md, 'Lost

@@ -11,7 +11,7 @@
 
 use crate::cdc::{insert_event, Harness};
 use crate::support::kafka::{self, Isolation};
-use crate::support::process::PgCluster;
+use crate::support::process::{PgCluster, RelayProc};
 use relay::replication::conn::{ReplicationClient, ReplicationConfig};
 use relay::replication::timeline::TimelineHistory;
 use relay::replication::Lsn;
@@ -327,6 +327,25 @@ async fn a_checkpoint_past_the_fork_is_refused() {
         h2.slot_confirmed().await,
         slot,
         "the refusing relay did not move the slot"
+    );
+
+    // The RUNBOOK's recovery: reset-checkpoint records the decision on timeline 2 (what was
+    // committed before it is re-published by the operator), and the relay runs again.
+    let mut reset = RelayProc::spawn(&["reset-checkpoint"], &h2.env());
+    let st = reset.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert!(st.success(), "{}", reset.log_text());
+    assert_eq!(last_checkpoint(&h2).await["timeline"], 2);
+    let later = insert_events(&c2, "d", 5).await;
+    h2.run_until_caught_up().await;
+    let (counts, _) = delivered(&h2).await;
+    let once = later
+        .iter()
+        .filter(|id| counts.get(&id.to_string()) == Some(&1))
+        .count();
+    assert_eq!(
+        once,
+        later.len(),
+        "after the reset, events are relayed once"
     );
     drop(primary);
 }
