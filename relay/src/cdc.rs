@@ -355,6 +355,8 @@ struct Session<'a> {
     shutdown: &'a Shutdown,
     system_id: u64,
     timeline: u32,
+    /// The history of `timeline`: which timeline wrote the WAL at a position (for event ids).
+    history: timeline::TimelineHistory,
     /// The last checkpoint committed to Kafka (and so confirmed, or about to be, to Postgres).
     committed: Checkpoint,
     /// Transactions with a commit LSN below this are already in Kafka.
@@ -383,6 +385,7 @@ impl<'a> Session<'a> {
             shutdown,
             system_id: 0,
             timeline: 0,
+            history: Default::default(),
             committed: Checkpoint::default(),
             resume_floor: Lsn::INVALID,
             router: TopicRouter::new(&s.topic_template),
@@ -412,6 +415,7 @@ impl<'a> Session<'a> {
         let ident = sql.identify_system().await?;
         self.system_id = ident.system_id;
         self.timeline = ident.timeline;
+        self.history = timeline::server_history(&mut sql, self.timeline).await?;
         let slot = self.preflight(&mut sql).await?;
 
         let key = checkpoint::cdc_key(&s.slot);
@@ -461,7 +465,8 @@ impl<'a> Session<'a> {
                     server: self.system_id,
                 });
             }
-            timeline::check_resume(sql, cp.end_lsn(), cp.timeline, self.timeline).await?;
+            let (history, tl) = (&self.history, self.timeline);
+            timeline::check_resume(sql, history, cp.end_lsn(), cp.timeline, tl).await?;
         }
         match (slot, checkpoint) {
             (Some(confirmed), Some(cp)) if confirmed > cp.end_lsn() => Err(CdcError::SlotAhead {
@@ -1026,13 +1031,8 @@ impl<'a> Session<'a> {
                 }
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
-                        let event = me.into_event(
-                            self.system_id,
-                            self.timeline,
-                            m.lsn.0,
-                            xid,
-                            commit_ts_us,
-                        );
+                        let tl = self.history.timeline_at(m.lsn, self.timeline);
+                        let event = me.into_event(self.system_id, tl, m.lsn.0, xid, commit_ts_us);
                         Ok(Some(self.publish(event, EventKind::Message)))
                     }
                     Err(why) => {

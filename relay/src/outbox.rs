@@ -222,8 +222,8 @@ impl MessageEvent {
     }
 
     /// The event. Without an `event_id` in the message, one is derived from the cluster, the
-    /// timeline it was read on and the message's LSN (see [`wal_event_id`]), so a replay of the
-    /// same WAL yields the same id (consumers dedup on it).
+    /// timeline that wrote it and the message's LSN (see [`wal_event_id`]), so a replay of the
+    /// same WAL yields the same id (consumers dedup on it), on whichever timeline it is read.
     pub fn into_event(
         self,
         system_id: u64,
@@ -259,7 +259,10 @@ pub const WAL_EVENT_ID_NAMESPACE: uuid::Uuid =
 /// The same LSN names different WAL on two timelines (after a promotion or a point-in-time
 /// restore the new timeline writes its own WAL past the fork), so the timeline is part of the
 /// name: otherwise a message the new timeline wrote would take the id of the old timeline's
-/// message at that LSN, and consumers would drop it as a duplicate. On timeline 1 the id is
+/// message at that LSN, and consumers would drop it as a duplicate. `timeline` is the timeline
+/// that wrote the message (from the server's timeline history), not the one it is read on: WAL
+/// before a fork is shared, and a message in it keeps its id when it is read again after a
+/// failover (say after `relay reset-checkpoint` moved to a slot behind). On timeline 1 the id is
 /// `Uuid::from_u64_pair(system_id, lsn)`, as before timelines were part of it, so ids of
 /// clusters that never failed over do not change; on a later timeline it is the version 5 UUID
 /// of the name `<system_id>:<timeline>:<lsn as X/X>` in [`WAL_EVENT_ID_NAMESPACE`] (the same as

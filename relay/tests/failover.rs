@@ -96,6 +96,20 @@ async fn copy_slot(primary: PgCluster, standby: PgCluster, h: &Harness) -> (PgCl
     (primary, standby)
 }
 
+/// A WAL-only event (no `event_id`: the relay derives one) of type `event_type`.
+async fn emit_message(c: &Client, event_type: &str) {
+    c.execute(
+        "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
+        &[
+            &serde_json::json!({"aggregate_type": "order", "aggregate_id": event_type,
+            "event_type": event_type, "payload": {"seq": 1}})
+            .to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+}
+
 /// `n` outbox rows for aggregates `<agg>-0..n`, one transaction each.
 async fn insert_events(c: &Client, agg: &str, n: usize) -> Vec<uuid::Uuid> {
     let mut ids = Vec::with_capacity(n);
@@ -157,8 +171,8 @@ async fn timeline_of(c: &Client) -> u32 {
 
 /// The checkpoint lies before the fork: events committed on timeline 1 after the checkpoint
 /// (replicated to the standby before the promotion) and on timeline 2 after it are all relayed,
-/// each exactly once, from the promoted standby; the next checkpoint records timeline 2; a WAL
-/// message's derived event id names timeline 2.
+/// each exactly once, from the promoted standby; the next checkpoint records timeline 2; WAL
+/// messages' derived event ids name the timeline that wrote them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkpoint_before_the_fork_resumes_on_the_promoted_standby() {
     let (primary, standby, h) = primary_and_standby().await;
@@ -170,6 +184,7 @@ async fn a_checkpoint_before_the_fork_resumes_on_the_promoted_standby() {
     // Committed on timeline 1 while the relay is stopped, and replicated: shared by both
     // timelines, past the checkpoint.
     let shared = insert_events(&c, "b", 20).await;
+    emit_message(&c, "FromWalOnTimeline1").await;
     let (primary, standby) = copy_slot(primary, standby, &h).await;
     let standby = blocking(move || {
         standby.promote();
@@ -190,16 +205,7 @@ async fn a_checkpoint_before_the_fork_resumes_on_the_promoted_standby() {
         "premise: the copied slot is not past the checkpoint"
     );
     let after = insert_events(&c2, "c", 20).await;
-    c2.execute(
-        "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
-        &[
-            &serde_json::json!({"aggregate_type": "order", "aggregate_id": "m-1",
-            "event_type": "FromWalOnTimeline2", "payload": {"seq": 1}})
-            .to_string(),
-        ],
-    )
-    .await
-    .unwrap();
+    emit_message(&c2, "FromWalOnTimeline2").await;
 
     let mut relay = h2.spawn();
     h2.wait_caught_up(&mut relay, Duration::from_secs(120))
@@ -228,26 +234,31 @@ async fn a_checkpoint_before_the_fork_resumes_on_the_promoted_standby() {
         rows.len(),
         "every row exactly once: {counts:?}\n{log}"
     );
-    let msg = records
-        .iter()
-        .find(|r| r.header("event_type") == Some("FromWalOnTimeline2"))
-        .expect("the WAL message is relayed");
-    assert_eq!(records.len(), rows.len() + 1, "nothing else, nothing twice");
+    assert_eq!(
+        records.len(),
+        rows.len() + 2,
+        "two WAL messages, nothing else, nothing twice"
+    );
     let system_id: i64 = c2
         .query_one("SELECT system_identifier FROM pg_control_system()", &[])
         .await
         .unwrap()
         .get(0);
-    let lsn: Lsn = msg.header("lsn").unwrap().parse().unwrap();
-    assert_eq!(
-        msg.header("event_id"),
-        Some(
-            relay::outbox::wal_event_id(system_id as u64, 2, lsn.0)
-                .to_string()
-                .as_str()
-        ),
-        "the derived id names timeline 2"
-    );
+    // A derived id names the timeline that wrote the message: timeline 1 for the one in the
+    // shared WAL (its id as on the old primary), timeline 2 for the one written after the fork.
+    for (event_type, timeline) in [("FromWalOnTimeline1", 1), ("FromWalOnTimeline2", 2)] {
+        let msg = records
+            .iter()
+            .find(|r| r.header("event_type") == Some(event_type))
+            .expect("the WAL message is relayed");
+        let lsn: Lsn = msg.header("lsn").unwrap().parse().unwrap();
+        let want = relay::outbox::wal_event_id(system_id as u64, timeline, lsn.0);
+        assert_eq!(
+            msg.header("event_id"),
+            Some(want.to_string().as_str()),
+            "{event_type}: the id names timeline {timeline}"
+        );
+    }
     let cp = last_checkpoint(&h2).await;
     assert_eq!(
         cp["timeline"], 2,

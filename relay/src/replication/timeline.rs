@@ -129,6 +129,15 @@ impl TimelineHistory {
         &self.entries
     }
 
+    /// The timeline that wrote the WAL at `lsn`, for a server on timeline `current` whose history
+    /// this is: each ancestor wrote the WAL up to its switch point, `current` what follows.
+    pub fn timeline_at(&self, lsn: Lsn, current: u32) -> u32 {
+        self.entries
+            .iter()
+            .find(|e| lsn < e.switchpoint)
+            .map_or(current, |e| e.timeline)
+    }
+
     /// Where `timeline` ended in this history (where the line leading to the history's own
     /// timeline forked from it), or `None` if `timeline` is not one of its ancestors.
     pub fn switchpoint(&self, timeline: u32) -> Option<Lsn> {
@@ -250,31 +259,35 @@ fn ancestors(history: Option<&TimelineHistory>) -> String {
     }
 }
 
-/// [`judge`] with what the server says: its flushed WAL position (`IDENTIFY_SYSTEM`) and, only
-/// when the timelines differ and the server's could have the checkpoint's as an ancestor (a
-/// timeline's ancestors have smaller IDs; timeline 1 has no history file), its history
-/// (`TIMELINE_HISTORY`). `server_timeline` is the timeline the caller identified and records in
-/// its checkpoints.
+/// The history of the server's timeline `server_timeline` (`TIMELINE_HISTORY`), empty for
+/// timeline 1, which has none.
+pub async fn server_history(
+    client: &mut ReplicationClient,
+    server_timeline: u32,
+) -> Result<TimelineHistory, TimelineError> {
+    if server_timeline <= 1 {
+        return Ok(TimelineHistory::default());
+    }
+    let file = client.timeline_history(server_timeline).await?;
+    TimelineHistory::parse(&file.content).map_err(|source| TimelineError::History {
+        timeline: server_timeline,
+        source,
+    })
+}
+
+/// [`judge`] with the server's flushed WAL position (`IDENTIFY_SYSTEM`). `server_timeline` is
+/// the timeline the caller identified and records in its checkpoints, `history` its history
+/// (from [`server_history`]).
 pub async fn check_resume(
     client: &mut ReplicationClient,
+    history: &TimelineHistory,
     checkpoint: Lsn,
     checkpoint_timeline: u32,
     server_timeline: u32,
 ) -> Result<Resume, TimelineError> {
-    let history = if checkpoint_timeline != 0 && checkpoint_timeline < server_timeline {
-        let file = client.timeline_history(server_timeline).await?;
-        let history =
-            TimelineHistory::parse(&file.content).map_err(|source| TimelineError::History {
-                timeline: server_timeline,
-                source,
-            })?;
-        Some(history)
-    } else {
-        None
-    };
     let server_end = client.identify_system().await?.xlogpos;
     let resume = judge(
-        history.as_ref(),
+        Some(history),
         checkpoint,
         checkpoint_timeline,
         server_timeline,
@@ -318,6 +331,18 @@ mod tests {
         );
         assert_eq!(h.switchpoint(2), Some(Lsn(0x500_0188)));
         assert_eq!(h.switchpoint(3), None);
+    }
+
+    #[test]
+    fn names_the_timeline_that_wrote_a_position() {
+        let h = TimelineHistory::parse(TL3).unwrap();
+        assert_eq!(h.timeline_at(Lsn(0x100), 3), 1);
+        assert_eq!(h.timeline_at(Lsn(0x300_005F), 3), 1);
+        // The new timeline's WAL begins at the switch point.
+        assert_eq!(h.timeline_at(Lsn(0x300_0060), 3), 2);
+        assert_eq!(h.timeline_at(Lsn(0x500_0187), 3), 2);
+        assert_eq!(h.timeline_at(Lsn(0x500_0188), 3), 3);
+        assert_eq!(TimelineHistory::default().timeline_at(Lsn(0x100), 1), 1);
     }
 
     #[test]
@@ -458,6 +483,29 @@ mod tests {
                 let back: Vec<(u32, u64)> =
                     h.entries().iter().map(|e| (e.timeline, e.switchpoint.0)).collect();
                 prop_assert_eq!(back, entries);
+            }
+
+            #[test]
+            fn the_writing_timeline_follows_the_switchpoints(
+                entries in history(),
+                a in 0u64..1 << 43,
+                b in 0u64..1 << 43,
+            ) {
+                let h = TimelineHistory::parse(&render(&entries)).unwrap();
+                let current = entries.last().map_or(1, |e| e.0) + 1;
+                let (lo, hi) = (Lsn(a.min(b)), Lsn(a.max(b)));
+                // Monotonic: later WAL is never written by an earlier timeline.
+                prop_assert!(h.timeline_at(lo, current) <= h.timeline_at(hi, current));
+                let tl = h.timeline_at(lo, current);
+                match entries.iter().find(|e| e.0 == tl) {
+                    // An ancestor wrote it: it lies before that ancestor's end, and at or after
+                    // the previous ancestor's end.
+                    Some(&(_, end)) => prop_assert!(lo.0 < end),
+                    None => {
+                        prop_assert_eq!(tl, current);
+                        prop_assert!(entries.last().is_none_or(|e| lo.0 >= e.1));
+                    }
+                }
             }
 
             #[test]
