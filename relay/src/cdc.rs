@@ -52,6 +52,7 @@ use crate::replication::conn::{
     SnapshotAction, StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
+use crate::replication::timeline;
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings, Poison};
@@ -124,6 +125,8 @@ pub enum CdcError {
     PublicationMissingTable { publication: String, table: String },
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
     SystemMismatch { checkpoint: u64, server: u64 },
+    #[error(transparent)]
+    Timeline(#[from] crate::replication::timeline::TimelineError),
     #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
     OutboxColumn {
         table: String,
@@ -149,6 +152,14 @@ impl SessionError for CdcError {
             CdcError::SlotInUse { .. } | CdcError::StreamEnded | CdcError::Timeout(..) => {
                 Disposition::Retry
             }
+            // No restart fixes a transaction too large for the transaction timeout.
+            CdcError::Sink(SinkError::TransactionTimeout { .. }) => Disposition::Refuse,
+            CdcError::Timeline(e) if e.is_transient() => Disposition::Retry,
+            CdcError::SlotDropped { .. }
+            | CdcError::SlotAhead { .. }
+            | CdcError::SlotLost(_)
+            | CdcError::SystemMismatch { .. }
+            | CdcError::Timeline(_) => Disposition::Refuse,
             _ => Disposition::Fatal,
         }
     }
@@ -282,6 +293,8 @@ struct Session<'a> {
     shutdown: &'a Shutdown,
     system_id: u64,
     timeline: u32,
+    /// The history of `timeline`: which timeline wrote the WAL at a position (for event ids).
+    history: timeline::TimelineHistory,
     /// Transactions with a commit LSN below this are already in Kafka.
     resume_floor: Lsn,
     router: TopicRouter,
@@ -304,6 +317,7 @@ impl<'a> Session<'a> {
             shutdown,
             system_id: 0,
             timeline: 0,
+            history: Default::default(),
             resume_floor: Lsn::INVALID,
             router: TopicRouter::new(&s.topic_template),
             current: None,
@@ -324,6 +338,7 @@ impl<'a> Session<'a> {
         let ident = sql.identify_system().await?;
         self.system_id = ident.system_id;
         self.timeline = ident.timeline;
+        self.history = timeline::server_history(&mut sql, self.timeline).await?;
         let slot = self.preflight(&mut sql).await?;
 
         let key = checkpoint::cdc_key(&s.slot);
@@ -352,6 +367,10 @@ impl<'a> Session<'a> {
             .await
         {
             Ok(slot_confirmed) => {
+                // The checkpoint is valid here (same system; on this timeline or before the
+                // fork): the next ones record this server's timeline.
+                pipe.committed_mut().system_id = self.system_id;
+                pipe.committed_mut().timeline = self.timeline;
                 self.stream(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
                     .await
             }
@@ -371,7 +390,9 @@ impl<'a> Session<'a> {
     /// and the relay's checkpoint. A missing slot is created only when there is no checkpoint:
     /// with one, the slot was dropped, and a new slot would start after events that may never
     /// have been relayed. A slot confirmed past the checkpoint was moved by something else; the
-    /// events in between cannot be read from it. Both are refused rather than skipped.
+    /// events in between cannot be read from it. Both are refused rather than skipped, as is a
+    /// checkpoint from another timeline past the point where the server's timeline forked from it
+    /// (`replication::timeline`).
     async fn slot_position(
         &mut self,
         sql: &mut ReplicationClient,
@@ -386,6 +407,8 @@ impl<'a> Session<'a> {
                     server: self.system_id,
                 });
             }
+            let (history, tl) = (&self.history, self.timeline);
+            timeline::check_resume(sql, history, cp.end_lsn(), cp.timeline, tl).await?;
         }
         match (slot, checkpoint) {
             (Some(confirmed), Some(cp)) if confirmed > cp.end_lsn() => Err(CdcError::SlotAhead {
@@ -830,7 +853,8 @@ impl<'a> Session<'a> {
                 }
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
-                        let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
+                        let tl = self.history.timeline_at(m.lsn, self.timeline);
+                        let event = me.into_event(self.system_id, tl, m.lsn.0, xid, commit_ts_us);
                         Ok(Some(self.publish(event, EventKind::Message, None)))
                     }
                     Err(why) => {

@@ -3,7 +3,7 @@
 //! Map of the modules (imports run downward only):
 //!
 //! ```text
-//!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config
+//!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config; exit: its exit codes
 //!     │
 //!  cdc / poll                  the two relays, side by side (neither imports the other)
 //!     │
@@ -17,6 +17,7 @@
 pub mod cdc;
 pub mod checkpoint;
 pub mod config;
+pub mod exit;
 pub mod health;
 pub mod metrics;
 pub mod migrate;

@@ -10,8 +10,8 @@ use relay::metrics::Metrics;
 use relay::shutdown::Shutdown;
 use std::time::Duration;
 
-/// Exit code of `check-config` for an invalid configuration (1 is any other failure).
-const EXIT_INVALID_CONFIG: u8 = 2;
+/// Exit code of `check-config` for an invalid configuration (the scheme is in `relay::exit`).
+const EXIT_INVALID_CONFIG: u8 = relay::exit::Exit::InvalidConfig.code();
 
 #[derive(Parser)]
 #[command(
@@ -39,8 +39,11 @@ enum Command {
     /// exactly once (Kafka transactions carrying the checkpoint; the slot is confirmed only
     /// after the Kafka commit).
     ///
-    /// Runs until SIGTERM/SIGINT (exit 0 after committing or aborting the open transaction) or
-    /// a fatal error (exit 1: fenced by another instance, bad slot, wrong cluster...). Serves
+    /// Runs until SIGTERM/SIGINT (exit 0 after committing or aborting the open transaction;
+    /// 130 on a second signal) or a fatal error: exit 1 when a restart may help (fenced by
+    /// another instance, a server setting...), exit 3 when resuming could skip events and an
+    /// operator must decide (dropped, lost or moved slot, another cluster, another timeline past
+    /// its fork point; see RUNBOOK.md). Serves
     /// /metrics, /healthz and /readyz on http.listen; notifies systemd (Type=notify) when
     /// streaming.
     Cdc,
@@ -55,8 +58,10 @@ enum Command {
     /// fenced and exits 1).
     ///
     /// `relay cdc` refuses to start when its slot was dropped while a checkpoint exists, when
-    /// the slot is confirmed past the checkpoint, or when the checkpoint comes from another
-    /// Postgres cluster: in each case events may be missing and only the operator can decide.
+    /// the slot is confirmed past the checkpoint, when the checkpoint comes from another
+    /// Postgres cluster, or when it lies in WAL this server does not have (another timeline past
+    /// its fork point, a restored snapshot): in each case events may be missing and only the
+    /// operator can decide.
     /// This command records that decision: events committed between the old checkpoint and the
     /// slot's position are not relayed from WAL. It prints both positions and the old
     /// checkpoint's time; re-publish the outbox rows created since then (see RUNBOOK.md, 'Lost
@@ -250,6 +255,7 @@ async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     };
     let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
     let daemon = Daemon::start(&cfg).await?;
+    let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);
     let result = relay::cdc::run(
         settings,
         daemon.metrics.clone(),
@@ -257,13 +263,15 @@ async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         daemon.shutdown.clone(),
     )
     .await;
+    backstop.abort();
     daemon.stop().await;
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            tracing::error!(error = %e, "exiting");
+            let exit = relay::exit::Exit::of_cdc(&e);
+            tracing::error!(error = %e, exit_code = exit.code(), "exiting");
             eprintln!("error: {e}");
-            Ok(ExitCode::FAILURE)
+            Ok(exit.into())
         }
     }
 }

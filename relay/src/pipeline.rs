@@ -551,8 +551,11 @@ impl DlqRecord {
 pub enum Disposition {
     /// Reconnect with backoff and resume from the last committed checkpoint.
     Retry,
-    /// The operator must act; exit non-zero.
+    /// Exit non-zero; a restart may help once the cause is gone (exit code 1).
     Fatal,
+    /// Resuming could skip or misplace events, or cannot succeed with this configuration:
+    /// refuse until an operator decides (exit code 3; restarting refuses again).
+    Refuse,
 }
 
 /// A relay session's error, as the reconnect loop sees it.

@@ -32,6 +32,18 @@ impl Harness {
         }
     }
 
+    /// The same relay (slot, topics, checkpoint, transactional id) pointed at another database.
+    pub(crate) fn on(&self, db_url: String) -> Harness {
+        Harness {
+            db_url,
+            bootstrap: self.bootstrap.clone(),
+            slot: self.slot.clone(),
+            prefix: self.prefix.clone(),
+            checkpoint_topic: self.checkpoint_topic.clone(),
+            txn_id: self.txn_id.clone(),
+        }
+    }
+
     pub(crate) fn env(&self) -> RelayEnv {
         let mut e = RelayEnv::default();
         e.set("RELAY_POSTGRES__URL", &self.db_url)
@@ -555,7 +567,7 @@ async fn exactly_once_across_a_broker_restart() {
 }
 
 /// Inserts one outbox row for aggregate `agg` (payload `{"seq": 1}`); returns its event id.
-async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
+pub(crate) async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
     c.execute(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
@@ -590,20 +602,23 @@ impl Harness {
         assert!(st.success(), "{}", relay.log_text());
     }
 
-    /// Starts `relay cdc` and expects it to exit 1 by itself with a log containing `needle`.
-    pub(crate) fn expect_refusal(&self, needle: &str) {
+    /// Starts `relay cdc` and expects it to exit with `code` by itself, with a log containing
+    /// `needle` (3: a refusal to protect events, 1: a failure a restart may cure; see
+    /// `relay::exit`). Returns the log.
+    pub(crate) fn expect_refusal(&self, code: i32, needle: &str) -> String {
         let mut relay = self.spawn();
         let st = relay
             .wait_exit(Duration::from_secs(60))
             .expect("the relay exits by itself");
         let log = relay.log_text();
-        assert_eq!(st.code(), Some(1), "{log}");
+        assert_eq!(st.code(), Some(code), "{log}");
         assert!(log.contains(needle), "no {needle:?} in:\n{log}");
         assert!(log.contains(&self.slot), "the slot is not named:\n{log}");
+        log
     }
 }
 
-/// A slot dropped while the relay was stopped: the relay refuses to start (exit 1, naming the
+/// A slot dropped while the relay was stopped: the relay refuses to start (exit 3, naming the
 /// slot and its checkpoint) instead of creating a new slot that would begin after events it never
 /// relayed. `relay reset-checkpoint` records the operator's decision; then the relay runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -619,7 +634,10 @@ async fn a_dropped_slot_is_refused_until_the_checkpoint_is_reset() {
         .await
         .unwrap();
     insert_event(&c, "a-2").await;
-    h.expect_refusal("does not exist, but the relay's checkpoint in Kafka is at");
+    h.expect_refusal(
+        3,
+        "does not exist, but the relay's checkpoint in Kafka is at",
+    );
     let slots: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
@@ -664,7 +682,7 @@ async fn a_slot_moved_past_the_checkpoint_is_refused() {
     )
     .await
     .unwrap();
-    h.expect_refusal("past the relay's checkpoint in Kafka");
+    h.expect_refusal(3, "past the relay's checkpoint in Kafka");
 }
 
 /// A slot of another output plugin is refused with a message naming it.
@@ -680,7 +698,7 @@ async fn a_slot_of_another_plugin_is_refused() {
         )
         .await
         .unwrap();
-    h.expect_refusal("uses the output plugin \\\"test_decoding\\\"");
+    h.expect_refusal(1, "uses the output plugin \\\"test_decoding\\\"");
 }
 
 /// A slot another reader holds: the relay says so and retries (it does not exit), then streams

@@ -6,6 +6,9 @@
 
 mod cdc;
 mod compose;
+mod exits;
+mod failover;
+mod kafka_reader;
 mod pgoutput_stream;
 mod replication_client;
 mod routing;

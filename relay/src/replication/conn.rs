@@ -207,6 +207,15 @@ pub struct IdentifySystem {
     pub dbname: Option<String>,
 }
 
+/// The result of `TIMELINE_HISTORY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimelineHistoryFile {
+    /// The file's name, e.g. `00000002.history`.
+    pub filename: String,
+    /// The file's bytes.
+    pub content: Vec<u8>,
+}
+
 /// What `CREATE_REPLICATION_SLOT` does with the snapshot of the slot's consistent point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotAction {
@@ -531,6 +540,15 @@ impl ReplicationClient {
         &mut self,
         sql: &str,
     ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        self.query_rows(sql, data_row_text).await
+    }
+
+    /// [`simple_query`](Self::simple_query) with each row converted by `row`.
+    async fn query_rows<T>(
+        &mut self,
+        sql: &str,
+        row: fn(&DataRowBody, u64) -> Result<T, ReplicationError>,
+    ) -> Result<Vec<T>, ReplicationError> {
         frontend::query(sql, &mut self.conn.wbuf)?;
         self.conn.send().await?;
         let mut rows = Vec::new();
@@ -549,7 +567,7 @@ impl ReplicationClient {
                 Message::RowDescription(_)
                 | Message::CommandComplete(_)
                 | Message::EmptyQueryResponse => {}
-                Message::DataRow(body) => rows.push(data_row_text(&body, offset)?),
+                Message::DataRow(body) => rows.push(row(&body, offset)?),
                 Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
                 Message::ReadyForQuery(_) => {
                     return match error {
@@ -580,6 +598,43 @@ impl ReplicationClient {
                 .parse()
                 .map_err(|_| bad_value("IDENTIFY_SYSTEM xlogpos", xlogpos))?,
             dbname: row.get(3).cloned().flatten(),
+        })
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file of timeline `tli`, which lists its ancestor
+    /// timelines and where each ended (parse it with
+    /// [`TimelineHistory::parse`](super::timeline::TimelineHistory::parse)). Timeline 1 has no
+    /// history: asking for it is a `Server` error (`58P01`, file not found).
+    ///
+    /// The server sends the file's bytes as they are (the column is `bytea` in text format, but
+    /// not escaped), so the content is returned as bytes: its free-text reasons need not be UTF-8.
+    pub async fn timeline_history(
+        &mut self,
+        timeline: u32,
+    ) -> Result<TimelineHistoryFile, ReplicationError> {
+        let rows = self
+            .query_rows(&format!("TIMELINE_HISTORY {timeline}"), data_row_bytes)
+            .await?;
+        let [row] = rows.as_slice() else {
+            return Err(ReplicationError::protocol(
+                format!(
+                    "TIMELINE_HISTORY returned {} rows, expected one",
+                    rows.len()
+                ),
+                None,
+            ));
+        };
+        let cell = |i: usize, what: &str| {
+            row.get(i).cloned().flatten().ok_or_else(|| {
+                ReplicationError::protocol(format!("TIMELINE_HISTORY {what} is NULL"), None)
+            })
+        };
+        let filename = String::from_utf8(cell(0, "filename")?).map_err(|_| {
+            ReplicationError::protocol("TIMELINE_HISTORY filename is not UTF-8", None)
+        })?;
+        Ok(TimelineHistoryFile {
+            filename,
+            content: cell(1, "content")?,
         })
     }
 
@@ -891,6 +946,21 @@ fn log_notice(notice: &DbError) {
 
 /// The text values of a DataRow (`None` for NULL).
 fn data_row_text(body: &DataRowBody, offset: u64) -> Result<Vec<Option<String>>, ReplicationError> {
+    data_row_bytes(body, offset)?
+        .into_iter()
+        .map(|v| {
+            v.map(String::from_utf8).transpose().map_err(|_| {
+                ReplicationError::protocol("malformed DataRow: value is not UTF-8", Some(offset))
+            })
+        })
+        .collect()
+}
+
+/// The raw values of a DataRow (`None` for NULL).
+fn data_row_bytes(
+    body: &DataRowBody,
+    offset: u64,
+) -> Result<Vec<Option<Vec<u8>>>, ReplicationError> {
     let malformed = |what: String| {
         ReplicationError::protocol(format!("malformed DataRow: {what}"), Some(offset))
     };
@@ -899,16 +969,12 @@ fn data_row_text(body: &DataRowBody, offset: u64) -> Result<Vec<Option<String>>,
     while let Some(range) = ranges.next().map_err(|e| malformed(e.to_string()))? {
         values.push(match range {
             None => None,
-            Some(range) => {
-                let bytes = body
-                    .buffer()
+            Some(range) => Some(
+                body.buffer()
                     .get(range)
-                    .ok_or_else(|| malformed("value out of bounds".into()))?;
-                Some(
-                    String::from_utf8(bytes.to_vec())
-                        .map_err(|_| malformed("value is not UTF-8".into()))?,
-                )
-            }
+                    .ok_or_else(|| malformed("value out of bounds".into()))?
+                    .to_vec(),
+            ),
         });
     }
     Ok(values)
