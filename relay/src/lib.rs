@@ -5,7 +5,7 @@
 //! ```text
 //!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config
 //!     │
-//!  cdc / polling               the two relays, side by side
+//!  cdc / polling  slot_watch  status   the two relays, side by side; slot metrics and checks
 //!     │
 //!  replication  outbox  sink  checkpoint   Postgres protocol; envelope; Kafka; progress record
 //!     │
@@ -22,5 +22,7 @@ pub mod outbox;
 pub mod replication;
 pub mod shutdown;
 pub mod sink;
+pub mod slot_watch;
+pub mod status;
 pub mod systemd;
 pub mod telemetry;

@@ -93,12 +93,7 @@ impl KafkaBackend {
     }
 
     fn base_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        for (k, v) in &self.settings.librdkafka {
-            c.set(k, v);
-        }
-        c.set("bootstrap.servers", &self.settings.bootstrap_servers);
-        c
+        base_config(&self.settings)
     }
 
     fn producer(&self) -> Result<&ThreadedProducer<SinkContext>, SinkError> {
@@ -205,80 +200,128 @@ impl KafkaBackend {
 
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
     fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
-        let topic = &self.settings.checkpoint_topic;
-        let consumer: BaseConsumer<ReaderContext> = self
-            .base_config()
-            .set(
-                "group.id",
-                format!("{}-checkpoint-reader", self.settings.transactional_id),
-            )
-            .set("enable.auto.commit", "false")
-            // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .create_with_context(ReaderContext)
-            .map_err(|e| SinkError::Config(e.to_string()))?;
-        let (low, high) = consumer
-            .fetch_watermarks(topic, 0, CALL_TIMEOUT)
-            .map_err(|e| SinkError::Unavailable(format!("checkpoint topic {topic}: {e}")))?;
-        if high <= low {
-            return Ok(None);
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Beginning)
-            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        let deadline = Instant::now() + CALL_TIMEOUT * 2;
-        let mut latest: Option<Checkpoint> = None;
-        loop {
-            if Instant::now() > deadline {
-                return Err(SinkError::Unavailable(format!(
-                    "reading checkpoint topic {topic} did not reach its end in {:?}",
-                    CALL_TIMEOUT * 2
-                )));
-            }
-            match consumer.poll(Duration::from_millis(500)) {
-                None => {}
-                // The end is the end offset read before starting (after init_transactions has
-                // settled the topic), not merely the first EOF event: a checkpoint older than
-                // the latest would now make the relay refuse its slot as "confirmed past the
-                // checkpoint", so the read must not stop short.
-                Some(Err(KafkaError::PartitionEOF(_))) => {
-                    let reached = consumer
-                        .position()
-                        .ok()
-                        .and_then(|tpl| tpl.find_partition(topic, 0).map(|p| p.offset()))
-                        .and_then(|o| o.to_raw())
-                        .unwrap_or(-1);
-                    if reached >= high {
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
-                }
-                Some(Ok(m)) => {
-                    if m.key() != Some(key.as_bytes()) {
-                        continue;
-                    }
-                    let Some(value) = m.payload() else { continue };
-                    match Checkpoint::decode(value) {
-                        Ok(cp) => latest = Some(cp),
-                        Err(e) => {
-                            return Err(SinkError::Config(format!(
-                                "checkpoint at {topic}/0@{} is not readable ({e}); \
-                                 refusing to guess a resume point",
-                                m.offset()
-                            )))
-                        }
-                    }
-                }
-            }
-        }
-        Ok(latest)
+        let group = format!("{}-checkpoint-reader", self.settings.transactional_id);
+        read_latest_checkpoint(&self.settings, &group, key)
     }
+}
+
+/// The client settings every Kafka client of the relay shares: the passthrough options, then the
+/// bootstrap servers.
+fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &settings.librdkafka {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &settings.bootstrap_servers);
+    c
+}
+
+/// Reads the last committed checkpoint of `key` without a producer, for `relay status`: no
+/// `init_transactions`, so a relay running with the same transactional id is not fenced. A
+/// missing checkpoint topic means no checkpoint. Blocking (call it from `spawn_blocking`).
+///
+/// Unlike the relay's own read, nothing has settled the topic first: a transaction of a relay
+/// that died mid-commit stays open until `kafka.transaction_timeout`, and until then the read
+/// cannot reach the end and fails after a minute, saying so.
+pub fn read_checkpoint_read_only(
+    settings: &KafkaSettings,
+    key: &str,
+) -> Result<Option<Checkpoint>, SinkError> {
+    let topic = &settings.checkpoint_topic;
+    let consumer: BaseConsumer<ReaderContext> = base_config(settings)
+        .create_with_context(ReaderContext)
+        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), CALL_TIMEOUT)
+        .map_err(|e| SinkError::Unavailable(format!("metadata of topic {topic}: {e}")))?;
+    let exists = md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    let group = format!("{}-checkpoint-status", settings.transactional_id);
+    read_latest_checkpoint(settings, &group, key)
+}
+
+/// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
+/// Assigns the partition (no group membership, no offsets committed): `group` only names the
+/// client.
+fn read_latest_checkpoint(
+    settings: &KafkaSettings,
+    group: &str,
+    key: &str,
+) -> Result<Option<Checkpoint>, SinkError> {
+    let topic = &settings.checkpoint_topic;
+    let consumer: BaseConsumer<ReaderContext> = base_config(settings)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(ReaderContext)
+        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, CALL_TIMEOUT)
+        .map_err(|e| SinkError::Unavailable(format!("checkpoint topic {topic}: {e}")))?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+    let deadline = Instant::now() + CALL_TIMEOUT * 2;
+    let mut latest: Option<Checkpoint> = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err(SinkError::Unavailable(format!(
+                "reading checkpoint topic {topic} did not reach its end in {:?}",
+                CALL_TIMEOUT * 2
+            )));
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            // The end is the end offset read before starting (after init_transactions has
+            // settled the topic), not merely the first EOF event: a checkpoint older than
+            // the latest would now make the relay refuse its slot as "confirmed past the
+            // checkpoint", so the read must not stop short.
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                let reached = consumer
+                    .position()
+                    .ok()
+                    .and_then(|tpl| tpl.find_partition(topic, 0).map(|p| p.offset()))
+                    .and_then(|o| o.to_raw())
+                    .unwrap_or(-1);
+                if reached >= high {
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
+            }
+            Some(Ok(m)) => {
+                if m.key() != Some(key.as_bytes()) {
+                    continue;
+                }
+                let Some(value) = m.payload() else { continue };
+                match Checkpoint::decode(value) {
+                    Ok(cp) => latest = Some(cp),
+                    Err(e) => {
+                        return Err(SinkError::Config(format!(
+                            "checkpoint at {topic}/0@{} is not readable ({e}); \
+                                 refusing to guess a resume point",
+                            m.offset()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    Ok(latest)
 }
 
 /// Delivery reports of the open transaction: how many of its records librdkafka has not yet
