@@ -11,17 +11,18 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
-struct Harness {
-    db_url: String,
-    bootstrap: String,
-    slot: String,
+/// Shared with the other test modules (`slot_watch`).
+pub(crate) struct Harness {
+    pub(crate) db_url: String,
+    pub(crate) bootstrap: String,
+    pub(crate) slot: String,
     prefix: String,
-    checkpoint_topic: String,
+    pub(crate) checkpoint_topic: String,
     txn_id: String,
 }
 
 impl Harness {
-    fn new(db_url: String, bootstrap: String) -> Harness {
+    pub(crate) fn new(db_url: String, bootstrap: String) -> Harness {
         Harness {
             db_url,
             bootstrap,
@@ -32,7 +33,7 @@ impl Harness {
         }
     }
 
-    fn env(&self) -> RelayEnv {
+    pub(crate) fn env(&self) -> RelayEnv {
         let mut e = RelayEnv::default();
         e.set("RELAY_POSTGRES__URL", &self.db_url)
             .set("RELAY_KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap)
@@ -54,25 +55,34 @@ impl Harness {
         e
     }
 
-    fn spawn(&self) -> RelayProc {
+    pub(crate) fn spawn(&self) -> RelayProc {
         RelayProc::spawn(&["cdc"], &self.env())
     }
 
     /// The relay's /metrics text (its http.listen is in `env`).
-    async fn metrics(env: &RelayEnv) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = env
-            .vars
+    pub(crate) async fn metrics(env: &RelayEnv) -> String {
+        Self::http_get(env, "/metrics").await
+    }
+
+    /// The relay's http.listen address (in `env`).
+    pub(crate) fn http_listen(env: &RelayEnv) -> String {
+        env.vars
             .iter()
             .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
             .map(|(_, v)| v.clone())
-            .expect("http.listen set");
+            .expect("http.listen set")
+    }
+
+    /// The whole HTTP response (status line, headers, body) of GET `path` on the relay's
+    /// http.listen (in `env`).
+    pub(crate) async fn http_get(env: &RelayEnv, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = Self::http_listen(env);
         let mut s = tokio::net::TcpStream::connect(&addr)
             .await
-            .expect("connect /metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+            .expect("connect to http.listen");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -85,7 +95,7 @@ impl Harness {
             .collect()
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(&self.db_url, NoTls)
             .await
             .expect("connect");
@@ -95,7 +105,7 @@ impl Harness {
         c
     }
 
-    async fn create_slot(&self) {
+    pub(crate) async fn create_slot(&self) {
         self.client()
             .await
             .execute(
@@ -108,7 +118,7 @@ impl Harness {
 
     /// Waits until the slot is confirmed past everything written so far (heartbeats move it
     /// on once the outbox is quiet), so every committed event is in Kafka.
-    async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
+    pub(crate) async fn wait_caught_up(&self, relay: &mut RelayProc, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut target: Option<String> = None;
         loop {
@@ -152,7 +162,7 @@ impl Harness {
     }
 
     /// The `end_lsn` of the last checkpoint committed to Kafka.
-    async fn last_checkpoint_end(&self) -> u64 {
+    pub(crate) async fn last_checkpoint_end(&self) -> u64 {
         let checkpoints = kafka::read_all_from(
             &self.bootstrap,
             &self.checkpoint_topic,
@@ -552,7 +562,7 @@ async fn exactly_once_across_a_broker_restart() {
 }
 
 /// Inserts one outbox row for aggregate `agg` (payload `{"seq": 1}`); returns its event id.
-async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
+pub(crate) async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
     c.execute(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
@@ -566,7 +576,7 @@ async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
 
 impl Harness {
     /// How many records of the `order` topic carry `id` (read_committed).
-    async fn copies_of(&self, id: uuid::Uuid) -> usize {
+    pub(crate) async fn copies_of(&self, id: uuid::Uuid) -> usize {
         kafka::read_all_from(
             &self.bootstrap,
             &format!("{}.order", self.prefix),
@@ -680,25 +690,33 @@ async fn a_slot_of_another_plugin_is_refused() {
     h.expect_refusal("uses the output plugin \\\"test_decoding\\\"");
 }
 
+impl Harness {
+    /// Another reader streaming the slot: the stream and its server process id.
+    pub(crate) async fn hold_slot(&self) -> (relay::replication::conn::ReplicationStream, i32) {
+        use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
+        let cfg = ReplicationConfig::from_url(&self.db_url).unwrap();
+        let client = ReplicationClient::connect(&cfg).await.unwrap();
+        let pid = client.backend_key().expect("backend key").process_id;
+        let stream = client
+            .start_replication(
+                &self.slot,
+                relay::replication::Lsn::INVALID,
+                StartOptions::new(vec!["outbox_pub".into()]),
+            )
+            .await
+            .unwrap();
+        (stream, pid)
+    }
+}
+
 /// A slot another reader holds: the relay says so and retries (it does not exit), then streams
 /// once the slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_in_use_is_waited_for() {
-    use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
     let db = TestDb::create().await;
     let h = Harness::new(db.url(), kafka::bootstrap());
     h.create_slot().await;
-    let cfg = ReplicationConfig::from_url(&h.db_url).unwrap();
-    let holder = ReplicationClient::connect(&cfg)
-        .await
-        .unwrap()
-        .start_replication(
-            &h.slot,
-            relay::replication::Lsn::INVALID,
-            StartOptions::new(vec!["outbox_pub".into()]),
-        )
-        .await
-        .unwrap();
+    let (holder, _) = h.hold_slot().await;
     let mut relay = h.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !relay.log_text().contains("is in use by process") {
@@ -723,7 +741,7 @@ async fn a_slot_in_use_is_waited_for() {
 }
 
 /// The value of a sample line `name{labels} value` in a metrics text, if present.
-fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+pub(crate) fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(name_and_labels))
@@ -856,6 +874,11 @@ async fn debezium_columns_messages_ignored_changes_and_poison() {
         sample(&m, "relay_events_total{kind=\"message\",relay=\"cdc\"}"),
         Some(1.0),
         "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_dlq_records_total{relay=\"cdc\"}"),
+        Some(1.0),
+        "the poison message is counted: {m}"
     );
     assert!(relay
         .terminate(Duration::from_secs(20))

@@ -9,6 +9,7 @@ mod compose;
 mod pgoutput_stream;
 mod replication_client;
 mod sink;
+mod slot_watch;
 mod smoke;
 mod stack;
 mod support;
