@@ -660,16 +660,8 @@ pub async fn preflight(
             expected: current_db,
         });
     }
-    match invalidation_reason {
-        Some(reason) if reason != "wal_removed" => {
-            return Err(CdcError::SlotInvalidated {
-                slot: s.slot.clone(),
-                reason,
-            })
-        }
-        _ if wal_status == "lost" => return Err(CdcError::SlotLost(s.slot.clone())),
-        Some(_) => return Err(CdcError::SlotLost(s.slot.clone())),
-        None => {}
+    if let Some(e) = invalidation_error(&s.slot, &wal_status, invalidation_reason.as_deref()) {
+        return Err(e);
     }
     if wal_status == "unreserved" {
         tracing::warn!(
@@ -688,6 +680,21 @@ pub async fn preflight(
         .parse::<Lsn>()
         .map(Some)
         .map_err(|e| CdcError::Unexpected(format!("confirmed_flush_lsn: {e}")))
+}
+
+/// The error of an invalidated slot, `None` for a valid one: [`CdcError::SlotLost`] for WAL
+/// removed past `max_slot_wal_keep_size` (the only reason before Postgres 17), otherwise
+/// [`CdcError::SlotInvalidated`] naming Postgres's `invalidation_reason` (e.g. `idle_timeout`).
+pub fn invalidation_error(slot: &str, wal_status: &str, reason: Option<&str>) -> Option<CdcError> {
+    match reason {
+        Some(r) if r != "wal_removed" => Some(CdcError::SlotInvalidated {
+            slot: slot.to_owned(),
+            reason: r.to_owned(),
+        }),
+        Some(_) => Some(CdcError::SlotLost(slot.to_owned())),
+        None if wal_status == "lost" => Some(CdcError::SlotLost(slot.to_owned())),
+        None => None,
+    }
 }
 
 async fn one_value(sql: &mut ReplicationClient, query: &str) -> Result<String, CdcError> {

@@ -111,8 +111,12 @@ impl Status {
                 .to_string(),
             );
         }
-        if row.is_invalidated() {
-            return Restart::Refuse(CdcError::SlotLost(slot).to_string());
+        if let Some(e) = slot_watch::invalidation_error(
+            &slot,
+            row.wal_status.as_deref().unwrap_or_default(),
+            row.invalidation_reason.as_deref(),
+        ) {
+            return Restart::Refuse(e.to_string());
         }
         let confirmed = row.confirmed_flush_lsn.unwrap_or(Lsn::INVALID);
         if let Some(cp) = cp {
@@ -379,6 +383,17 @@ mod tests {
                     None,
                 ),
                 "invalidated",
+            ),
+            (
+                status(
+                    Some(SlotRow {
+                        wal_status: Some("lost".into()),
+                        invalidation_reason: Some("idle_timeout".into()),
+                        ..slot(0x100)
+                    }),
+                    None,
+                ),
+                "invalidation_reason = idle_timeout",
             ),
             (
                 status(
