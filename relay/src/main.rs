@@ -72,6 +72,12 @@ enum Command {
     /// reason is printed), 1 when Postgres or the checkpoint cannot be read.
     Status,
 
+    /// Export the slot metrics (relay_slot_*) alone, without streaming: the slot watcher of
+    /// `relay cdc` with the same /metrics, /healthz and /readyz (ready while the slot can be
+    /// read), for slot alerts that do not depend on the relay process (a frozen relay exports
+    /// nothing). Scrape it as a job of its own. Runs until SIGTERM/SIGINT (exit 0).
+    WatchSlots,
+
     /// Apply the schema migrations (outbox, publication, dedup table, demo orders). Idempotent.
     Migrate {
         /// Postgres connection URL, e.g. postgres://user@127.0.0.1:55432/db
@@ -88,6 +94,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Cdc => run_cdc(cli.config.as_deref()).await,
         Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
         Command::Status => status(cli.config.as_deref()).await,
+        Command::WatchSlots => watch_slots(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
             println!("applied {n} migration(s)");
@@ -256,6 +263,26 @@ async fn status(path: Option<&Path>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+async fn watch_slots(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let daemon = Daemon::start(&cfg).await?;
+    let mut watch = relay::slot_watch::SlotWatchSettings::from_config(&cfg, &settings);
+    watch.owns_readiness = true;
+    relay::slot_watch::run(
+        watch,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    daemon.stop().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {

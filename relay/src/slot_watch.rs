@@ -19,6 +19,11 @@
 //! is made again at the next interval; the last readings stay exported (their age is visible
 //! from the success gauge), except that a slot found missing loses its value series.
 //!
+//! A relay process that is frozen (stopped, hung) exports nothing, its watcher included: for
+//! slot alerts that do not depend on the relay process, `relay watch-slots` runs the watcher
+//! alone, with the same endpoints (scrape it as a job of its own; it is ready while its reads
+//! succeed). The stall drill uses it that way.
+//!
 //! ## What the metrics mean
 //!
 //! - `relay_slot_retained_wal_bytes`: `pg_current_wal_lsn() - restart_lsn`, the WAL the slot
@@ -55,6 +60,9 @@ pub struct SlotWatchSettings {
     pub interval: Duration,
     /// Every slot of the database and the physical slots too.
     pub all_slots: bool,
+    /// The watcher runs alone (`relay watch-slots`) and owns readiness: ready while its reads
+    /// succeed. Next to the relay loop (false), readiness is the loop's.
+    pub owns_readiness: bool,
 }
 
 impl SlotWatchSettings {
@@ -68,6 +76,7 @@ impl SlotWatchSettings {
             slot: cdc.slot.clone(),
             interval: cfg.slot_watch.interval,
             all_slots: cfg.slot_watch.all_slots,
+            owns_readiness: false,
         }
     }
 }
@@ -430,13 +439,18 @@ pub async fn run(
                     metrics.set_slot_missing(&s.slot);
                 }
                 metrics.set_slot_watch_success(true);
+                if s.owns_readiness {
+                    health.set_ready(true);
+                }
+                // Alone, the watcher cannot tell the relay's stream from another reader.
+                let relay_streaming = s.owns_readiness || health.is_ready();
                 health.set_note(
                     NoteSource::Slot,
                     slot_note(
                         &s.slot,
                         snapshot.slot(&s.slot),
                         snapshot.max_slot_wal_keep_size,
-                        health.is_ready(),
+                        relay_streaming,
                     ),
                 );
             }
@@ -444,6 +458,9 @@ pub async fn run(
                 // The connection may be mid-answer: start over at the next interval.
                 client = None;
                 metrics.set_slot_watch_success(false);
+                if s.owns_readiness {
+                    health.set_ready(false);
+                }
                 if !failing {
                     tracing::warn!(slot = %s.slot, error = %e, "cannot read the slot metrics; retrying every interval");
                     failing = true;

@@ -384,3 +384,71 @@ async fn relay_status_reports_slot_checkpoint_and_restart() {
         "{out}"
     );
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// A frozen relay (SIGSTOP) exports nothing, so `relay watch-slots` watches its slot alone: while
+/// the relay is stopped and events are written, the watcher (ready, reads succeeding) shows the
+/// slot's unconfirmed lag growing and its confirmed position standing still; after SIGCONT the
+/// relay catches up, the watcher sees the lag gone, and every event arrived once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_slots_sees_a_stalled_relay_fall_behind() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    let env = h.watch_env();
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    h.wait_caught_up(&mut relay, Duration::from_secs(90)).await;
+    let c = h.client().await;
+
+    signal(relay.pid(), "STOP");
+    let mut wenv = env.clone();
+    wenv.set(
+        "RELAY_HTTP__LISTEN",
+        format!("127.0.0.1:{}", crate::support::process::free_port()),
+    );
+    let mut watcher = RelayProc::spawn(&["watch-slots"], &wenv);
+    let lag = format!("relay_slot_confirmed_lag_bytes{{slot=\"{}\"}}", h.slot);
+    let age = format!("relay_slot_confirmed_age_seconds{{slot=\"{}\"}}", h.slot);
+    let mut ids = Vec::new();
+    ids.push(insert_event(&c, "st-1").await);
+    let m = wait_metrics(&mut watcher, &wenv, "lag behind a stopped relay", |m| {
+        sample(m, &lag).is_some_and(|l| l > 0.0) && sample(m, &age).is_some_and(|a| a >= 2.0)
+    })
+    .await;
+    let first_lag = sample(&m, &lag).unwrap_or_default();
+    assert_eq!(sample(&m, "relay_slot_watch_success"), Some(1.0));
+    assert_eq!(sample(&m, "relay_ready"), Some(1.0), "ready while it reads");
+    for i in 2..=5 {
+        ids.push(insert_event(&c, &format!("st-{i}")).await);
+    }
+    let m = wait_metrics(&mut watcher, &wenv, "growing lag", |m| {
+        sample(m, &lag).is_some_and(|l| l > first_lag)
+    })
+    .await;
+    eprintln!(
+        "stopped relay: lag {first_lag} then {} bytes, confirmed position unchanged for {} s",
+        sample(&m, &lag).unwrap_or_default(),
+        sample(&m, &age).unwrap_or_default()
+    );
+
+    signal(relay.pid(), "CONT");
+    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
+    wait_metrics(&mut watcher, &wenv, "the lag gone", |m| {
+        sample(m, &age) == Some(0.0)
+    })
+    .await;
+    let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+    assert!(st.success(), "{}", relay.log_text());
+    let st = watcher.terminate(Duration::from_secs(20)).expect("exit");
+    assert!(st.success(), "{}", watcher.log_text());
+    for id in ids {
+        assert_eq!(h.copies_of(id).await, 1, "event {id}");
+    }
+}
