@@ -164,6 +164,11 @@ async fn wait_metrics(
     }
 }
 
+/// The value of `name{slot="<slot>"}` in a metrics text.
+fn get_in(metrics: &str, name: &str, slot: &str) -> Option<f64> {
+    sample(metrics, &format!("{name}{{slot=\"{slot}\"}}"))
+}
+
 /// A live `relay cdc` exports every `relay_*` metric any alert expression names, and its slot
 /// metrics describe its slot as Postgres does: it exists, it is the relay's own, reserved, held by
 /// the relay's walsender, capped by the stack's max_slot_wal_keep_size (1GB).
@@ -171,7 +176,17 @@ async fn wait_metrics(
 async fn every_metric_the_alerts_name_is_exported() {
     let db = TestDb::create().await;
     let h = Harness::new(db.url(), kafka::bootstrap());
-    let env = h.watch_env();
+    // Another slot of the database, watched with slot_watch.all_slots.
+    let other = format!("{}_other", h.slot);
+    let c = h.client().await;
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&other],
+    )
+    .await
+    .unwrap();
+    let mut env = h.watch_env();
+    env.set("RELAY_SLOT_WATCH__ALL_SLOTS", "true");
     let mut relay = RelayProc::spawn(&["cdc"], &env);
     let slot = h.slot.clone();
     let active = format!("relay_slot_active{{slot=\"{slot}\"}}");
@@ -181,6 +196,10 @@ async fn every_metric_the_alerts_name_is_exported() {
             && sample(m, &active) == Some(1.0)
     })
     .await;
+    let other_series = |name: &str| format!("{name}{{slot=\"{other}\"}}");
+    assert_eq!(sample(&m, &other_series("relay_slot_own")), Some(0.0));
+    assert_eq!(sample(&m, &other_series("relay_slot_exists")), Some(1.0));
+    assert_eq!(sample(&m, &other_series("relay_slot_active")), Some(0.0));
 
     let rules = alert_rules();
     let mut used = BTreeSet::new();
@@ -208,7 +227,7 @@ async fn every_metric_the_alerts_name_is_exported() {
         "alert expressions name metrics the relay does not export: {missing:?}"
     );
 
-    let get = |name: &str| sample(&m, &format!("{name}{{slot=\"{slot}\"}}"));
+    let get = |name: &str| get_in(&m, name, &slot);
     assert_eq!(get("relay_slot_exists"), Some(1.0));
     assert_eq!(get("relay_slot_own"), Some(1.0));
     assert_eq!(
@@ -240,6 +259,16 @@ async fn every_metric_the_alerts_name_is_exported() {
     );
     assert!(get("relay_slot_retained_wal_bytes").is_some_and(|b| b >= 0.0));
     assert!(get("relay_slot_safe_wal_size_bytes").is_some_and(|b| b > 0.0));
+
+    // A watched slot that is dropped loses its series; the relay's own keeps its.
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&other])
+        .await
+        .unwrap();
+    let m = wait_metrics(&mut relay, &env, "the dropped slot's series gone", |m| {
+        !m.contains(&format!("slot=\"{other}\""))
+    })
+    .await;
+    assert_eq!(get_in(&m, "relay_slot_exists", &slot), Some(1.0));
     let st = relay.terminate(Duration::from_secs(20)).expect("exit");
     assert!(st.success(), "{}", relay.log_text());
 }
@@ -451,4 +480,55 @@ async fn watch_slots_sees_a_stalled_relay_fall_behind() {
     for id in ids {
         assert_eq!(h.copies_of(id).await, 1, "event {id}");
     }
+}
+
+/// The start-up checks name the setting and the fix: on a cluster of the test's own with
+/// `max_slot_wal_keep_size = -1` and `wal_sender_timeout = 0`, the relay warns about each and
+/// still streams; with a publication that does not publish
+/// inserts it refuses to start (exit 1) and prints the ALTER PUBLICATION that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn start_up_checks_name_the_setting_and_the_fix() {
+    use crate::support::process::PgCluster;
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let url = pg.url("postgres");
+    relay::migrate::run(&url).await.expect("migrate");
+    let h = Harness::new(url, kafka::bootstrap());
+    let c = h.client().await;
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = -1",
+        "ALTER SYSTEM SET wal_sender_timeout = 0",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.expect(sql);
+    }
+    let mut relay = RelayProc::spawn(&["cdc"], &h.watch_env());
+    h.wait_caught_up(&mut relay, Duration::from_secs(90)).await;
+    let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+    let log = relay.log_text();
+    assert!(st.success(), "{log}");
+    for needle in [
+        "max_slot_wal_keep_size is unlimited (-1)",
+        "Set max_slot_wal_keep_size (e.g. 1GB",
+        "wal_sender_timeout = 0 (disabled)",
+        "Set wal_sender_timeout (e.g. 60s",
+        r#""server_version_num":150"#,
+    ] {
+        assert!(log.contains(needle), "no {needle:?} in:\n{log}");
+    }
+
+    c.batch_execute("ALTER PUBLICATION outbox_pub SET (publish = 'update, delete')")
+        .await
+        .unwrap();
+    let mut relay = RelayProc::spawn(&["cdc"], &h.watch_env());
+    let st = relay
+        .wait_exit(Duration::from_secs(60))
+        .expect("the relay exits by itself");
+    let log = relay.log_text();
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "does not publish inserts; run: ALTER PUBLICATION outbox_pub SET (publish = 'insert')"
+        ),
+        "{log}"
+    );
 }
