@@ -153,8 +153,9 @@ pub async fn gather(s: &CdcSettings) -> Result<Status, CdcError> {
     sql.close().await;
     let key = checkpoint::cdc_key(&s.slot);
     let (kafka, k) = (s.kafka.clone(), key.clone());
+    let runtime = tokio::runtime::Handle::current();
     let checkpoint = tokio::task::spawn_blocking(move || {
-        crate::sink::kafka::read_checkpoint_read_only(&kafka, &k)
+        crate::sink::kafka::read_checkpoint_read_only(kafka, &k, runtime)
     })
     .await
     .map_err(|e| e.to_string())

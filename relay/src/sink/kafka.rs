@@ -93,7 +93,12 @@ impl KafkaBackend {
     }
 
     fn base_config(&self) -> ClientConfig {
-        base_config(&self.settings)
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.settings.librdkafka {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.settings.bootstrap_servers);
+        c
     }
 
     fn producer(&self) -> Result<&ThreadedProducer<SinkContext>, SinkError> {
@@ -200,20 +205,86 @@ impl KafkaBackend {
 
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
     fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
-        let group = format!("{}-checkpoint-reader", self.settings.transactional_id);
-        read_latest_checkpoint(&self.settings, &group, key)
+        self.read_checkpoint_as("checkpoint-reader", key)
     }
-}
 
-/// The client settings every Kafka client of the relay shares: the passthrough options, then the
-/// bootstrap servers.
-fn base_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &settings.librdkafka {
-        c.set(k, v);
+    /// [`KafkaBackend::read_checkpoint`] by a consumer named `<transactional id>-<role>`. It
+    /// assigns the partition: no group membership, no offsets committed.
+    fn read_checkpoint_as(&self, role: &str, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        let topic = &self.settings.checkpoint_topic;
+        let consumer: BaseConsumer<ReaderContext> = self
+            .base_config()
+            .set(
+                "group.id",
+                format!("{}-{role}", self.settings.transactional_id),
+            )
+            .set("enable.auto.commit", "false")
+            // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create_with_context(ReaderContext)
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, CALL_TIMEOUT)
+            .map_err(|e| SinkError::Unavailable(format!("checkpoint topic {topic}: {e}")))?;
+        if high <= low {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        let deadline = Instant::now() + CALL_TIMEOUT * 2;
+        let mut latest: Option<Checkpoint> = None;
+        loop {
+            if Instant::now() > deadline {
+                return Err(SinkError::Unavailable(format!(
+                    "reading checkpoint topic {topic} did not reach its end in {:?}",
+                    CALL_TIMEOUT * 2
+                )));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {}
+                // The end is the end offset read before starting (after init_transactions has
+                // settled the topic), not merely the first EOF event: a checkpoint older than
+                // the latest would now make the relay refuse its slot as "confirmed past the
+                // checkpoint", so the read must not stop short.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    let reached = consumer
+                        .position()
+                        .ok()
+                        .and_then(|tpl| tpl.find_partition(topic, 0).map(|p| p.offset()))
+                        .and_then(|o| o.to_raw())
+                        .unwrap_or(-1);
+                    if reached >= high {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
+                }
+                Some(Ok(m)) => {
+                    if m.key() != Some(key.as_bytes()) {
+                        continue;
+                    }
+                    let Some(value) = m.payload() else { continue };
+                    match Checkpoint::decode(value) {
+                        Ok(cp) => latest = Some(cp),
+                        Err(e) => {
+                            return Err(SinkError::Config(format!(
+                                "checkpoint at {topic}/0@{} is not readable ({e}); \
+                                 refusing to guess a resume point",
+                                m.offset()
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(latest)
     }
-    c.set("bootstrap.servers", &settings.bootstrap_servers);
-    c
 }
 
 /// Reads the last committed checkpoint of `key` without a producer, for `relay status`: no
@@ -224,14 +295,17 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
 /// that died mid-commit stays open until `kafka.transaction_timeout`, and until then the read
 /// cannot reach the end and fails after a minute, saying so.
 pub fn read_checkpoint_read_only(
-    settings: &KafkaSettings,
+    settings: KafkaSettings,
     key: &str,
+    runtime: tokio::runtime::Handle,
 ) -> Result<Option<Checkpoint>, SinkError> {
-    let topic = &settings.checkpoint_topic;
-    let consumer: BaseConsumer<ReaderContext> = base_config(settings)
+    let reader = KafkaBackend::new(settings, runtime);
+    let topic = &reader.settings.checkpoint_topic;
+    let probe: BaseConsumer<ReaderContext> = reader
+        .base_config()
         .create_with_context(ReaderContext)
         .map_err(|e| SinkError::Config(e.to_string()))?;
-    let md = consumer
+    let md = probe
         .fetch_metadata(Some(topic), CALL_TIMEOUT)
         .map_err(|e| SinkError::Unavailable(format!("metadata of topic {topic}: {e}")))?;
     let exists = md
@@ -241,87 +315,7 @@ pub fn read_checkpoint_read_only(
     if !exists {
         return Ok(None);
     }
-    let group = format!("{}-checkpoint-status", settings.transactional_id);
-    read_latest_checkpoint(settings, &group, key)
-}
-
-/// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
-/// Assigns the partition (no group membership, no offsets committed): `group` only names the
-/// client.
-fn read_latest_checkpoint(
-    settings: &KafkaSettings,
-    group: &str,
-    key: &str,
-) -> Result<Option<Checkpoint>, SinkError> {
-    let topic = &settings.checkpoint_topic;
-    let consumer: BaseConsumer<ReaderContext> = base_config(settings)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create_with_context(ReaderContext)
-        .map_err(|e| SinkError::Config(e.to_string()))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, CALL_TIMEOUT)
-        .map_err(|e| SinkError::Unavailable(format!("checkpoint topic {topic}: {e}")))?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-    consumer
-        .assign(&tpl)
-        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-    let deadline = Instant::now() + CALL_TIMEOUT * 2;
-    let mut latest: Option<Checkpoint> = None;
-    loop {
-        if Instant::now() > deadline {
-            return Err(SinkError::Unavailable(format!(
-                "reading checkpoint topic {topic} did not reach its end in {:?}",
-                CALL_TIMEOUT * 2
-            )));
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            // The end is the end offset read before starting (after init_transactions has
-            // settled the topic), not merely the first EOF event: a checkpoint older than
-            // the latest would now make the relay refuse its slot as "confirmed past the
-            // checkpoint", so the read must not stop short.
-            Some(Err(KafkaError::PartitionEOF(_))) => {
-                let reached = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tpl| tpl.find_partition(topic, 0).map(|p| p.offset()))
-                    .and_then(|o| o.to_raw())
-                    .unwrap_or(-1);
-                if reached >= high {
-                    break;
-                }
-            }
-            Some(Err(e)) => {
-                return Err(SinkError::Unavailable(format!("reading checkpoints: {e}")))
-            }
-            Some(Ok(m)) => {
-                if m.key() != Some(key.as_bytes()) {
-                    continue;
-                }
-                let Some(value) = m.payload() else { continue };
-                match Checkpoint::decode(value) {
-                    Ok(cp) => latest = Some(cp),
-                    Err(e) => {
-                        return Err(SinkError::Config(format!(
-                            "checkpoint at {topic}/0@{} is not readable ({e}); \
-                                 refusing to guess a resume point",
-                            m.offset()
-                        )))
-                    }
-                }
-            }
-        }
-    }
-    Ok(latest)
+    reader.read_checkpoint_as("checkpoint-status", key)
 }
 
 /// Delivery reports of the open transaction: how many of its records librdkafka has not yet
