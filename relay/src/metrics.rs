@@ -515,7 +515,9 @@ impl Metrics {
     /// (Postgres 17+).
     pub fn init_slot_series(&self, slot: &str, own: bool, with_reason: bool) {
         let g = &self.slot;
-        g.exists.with_label_values(&[slot]).set(1);
+        // `exists` starts at 0 and is set by the first reading: until then nothing is known,
+        // which relay_slot_watch_success says (the missing-slot alert requires it to be 1).
+        g.exists.with_label_values(&[slot]);
         g.own.with_label_values(&[slot]).set(i64::from(own));
         for v in [&g.retained, &g.lag, &g.safe, &g.active, &g.active_pid] {
             v.with_label_values(&[slot]);
