@@ -626,34 +626,39 @@ pub async fn preflight(
     let rows = sql
         .simple_query(&format!(
             "SELECT plugin, database, active_pid, confirmed_flush_lsn, wal_status, \
-             current_database(), {reason}, (SELECT count(*) FROM pg_replication_slots) \
-             FROM pg_replication_slots WHERE slot_name = {}",
+             current_database(), {reason} FROM pg_replication_slots WHERE slot_name = {}",
             quote_literal(&s.slot)
         ))
         .await?;
+    let slots: i64 = one_value(sql, "SELECT count(*) FROM pg_replication_slots")
+        .await?
+        .parse()
+        .unwrap_or(0);
+    let max_slots = int("max_replication_slots");
     tracing::info!(
         server_version_num = version,
         max_slot_wal_keep_size = keep_bytes,
         walsenders,
         max_wal_senders = max_senders,
+        slots,
+        max_replication_slots = max_slots,
         "postgres settings checked"
     );
+    if slots >= max_slots {
+        let consequence = if rows.is_empty() && s.create_slot {
+            "so the relay cannot create its slot"
+        } else {
+            "so no slot can be created (another relay, or a new slot to recover a lost one)"
+        };
+        tracing::warn!(
+            slots,
+            max_replication_slots = max_slots,
+            "max_replication_slots: every slot is in use, {consequence}. Drop a slot nothing \
+             reads (SELECT slot_name, active FROM pg_replication_slots) or raise \
+             max_replication_slots (a restart of Postgres is needed)"
+        );
+    }
     let Some(row) = rows.first() else {
-        let used: i64 = one_value(sql, "SELECT count(*) FROM pg_replication_slots")
-            .await?
-            .parse()
-            .unwrap_or(0);
-        let max_slots = int("max_replication_slots");
-        if s.create_slot && used >= max_slots {
-            tracing::warn!(
-                slot = %s.slot,
-                slots = used,
-                max_replication_slots = max_slots,
-                "max_replication_slots: every slot is in use, so the relay cannot create its slot. \
-                 Drop a slot nothing reads (SELECT slot_name, active FROM pg_replication_slots) or \
-                 raise max_replication_slots (a restart of Postgres is needed)"
-            );
-        }
         return Ok(None);
     };
     let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();

@@ -500,7 +500,7 @@ async fn watch_slots_sees_a_stalled_relay_fall_behind() {
 
 /// The start-up checks name the setting and the fix: on a cluster of the test's own with
 /// `max_slot_wal_keep_size = -1` and `wal_sender_timeout = 0`, the relay warns about each and
-/// still streams; with a publication that does not publish
+/// still streams; with every other slot taken, it warns that no slot can be created; with a publication that does not publish
 /// inserts it refuses to start (exit 1) and prints the ALTER PUBLICATION that fixes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn start_up_checks_name_the_setting_and_the_fix() {
@@ -531,6 +531,32 @@ async fn start_up_checks_name_the_setting_and_the_fix() {
     ] {
         assert!(log.contains(needle), "no {needle:?} in:\n{log}");
     }
+
+    // Every other slot taken (the stack's max_replication_slots is 16): the relay still streams
+    // from its own, and warns that no slot can be created.
+    let max: String = c
+        .query_one("SHOW max_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let max: usize = max.parse().unwrap();
+    for i in 1..max {
+        c.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&format!("filler_{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let mut relay = RelayProc::spawn(&["cdc"], &h.watch_env());
+    h.wait_caught_up(&mut relay, Duration::from_secs(90)).await;
+    let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+    let log = relay.log_text();
+    assert!(st.success(), "{log}");
+    assert!(
+        log.contains("max_replication_slots: every slot is in use, so no slot can be created"),
+        "{log}"
+    );
 
     c.batch_execute("ALTER PUBLICATION outbox_pub SET (publish = 'update, delete')")
         .await
