@@ -12,8 +12,8 @@
 //! ```
 //!
 //! A stalled slot retains WAL until the primary's disk fills, and the moments that matter most
-//! are those when the relay cannot stream: Postgres refuses it, Kafka is down, the process is
-//! stopped. So the watcher is its own task, started next to the relay loop (not inside it), on
+//! are those when the relay cannot stream: Postgres refuses it, Kafka is down, another process
+//! holds the slot. So the watcher is its own task, started next to the relay loop (not inside it), on
 //! an ordinary session: it takes no walsender slot (`max_wal_senders`) and keeps exporting while
 //! the relay reconnects. A failed read sets `relay_slot_watch_success` to 0 and the connection
 //! is made again at the next interval; the last readings stay exported (their age is visible
@@ -22,7 +22,7 @@
 //! A relay process that is frozen (stopped, hung) exports nothing, its watcher included: for
 //! slot alerts that do not depend on the relay process, `relay watch-slots` runs the watcher
 //! alone, with the same endpoints (scrape it as a job of its own; it is ready while its reads
-//! succeed). The stall drill uses it that way.
+//! succeed). A stall drill that freezes the relay (SIGSTOP) watches the slot this way.
 //!
 //! ## What the metrics mean
 //!
