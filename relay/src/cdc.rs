@@ -121,6 +121,10 @@ pub enum CdcError {
     },
     #[error("replication slot {0:?} was invalidated (wal_status = lost): Postgres removed WAL it still needed, because the slot fell behind by more than max_slot_wal_keep_size. See RUNBOOK.md, 'Lost slot'")]
     SlotLost(String),
+    #[error("replication slot {slot:?} was invalidated by Postgres (invalidation_reason = {reason}): it cannot be streamed any more. See RUNBOOK.md, 'Lost slot'")]
+    SlotInvalidated { slot: String, reason: String },
+    #[error("publication {publication:?} does not publish inserts; run: ALTER PUBLICATION {publication} SET (publish = 'insert')")]
+    PublicationNoInserts { publication: String },
     #[error("publication {publication:?} does not publish {table}; run: ALTER PUBLICATION {publication} ADD TABLE {table}")]
     PublicationMissingTable { publication: String, table: String },
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
@@ -158,6 +162,7 @@ impl SessionError for CdcError {
             CdcError::SlotDropped { .. }
             | CdcError::SlotAhead { .. }
             | CdcError::SlotLost(_)
+            | CdcError::SlotInvalidated { .. }
             | CdcError::SystemMismatch { .. }
             | CdcError::Timeline(_) => Disposition::Refuse,
             _ => Disposition::Fatal,
@@ -435,90 +440,7 @@ impl<'a> Session<'a> {
     /// Checks the server and the slot; creates the publication where missing. Returns the
     /// slot's confirmed flush LSN, or `None` if the slot does not exist.
     async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Option<Lsn>, CdcError> {
-        let s = self.s;
-        let wal_level = one_value(sql, "SHOW wal_level").await?;
-        if wal_level != "logical" {
-            return Err(CdcError::WalLevel(wal_level));
-        }
-        let keep = one_value(sql, "SHOW max_slot_wal_keep_size").await?;
-        if keep == "-1" {
-            tracing::warn!(
-                "max_slot_wal_keep_size is unlimited: a stalled slot can fill the primary's disk. \
-                 Set it (e.g. 1GB; see RUNBOOK.md) to cap the WAL a slot may retain"
-            );
-        }
-        let table = self.table();
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
-                quote_literal(&s.publication)
-            ))
-            .await?;
-        let exists = first_cell(&rows).is_some_and(|v| v != "0");
-        if !exists {
-            tracing::info!(publication = %s.publication, table = %table, "creating publication");
-            sql.simple_query(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}.{}",
-                quote_ident(&s.publication),
-                quote_ident(&s.table_schema),
-                quote_ident(&s.table_name)
-            ))
-            .await?;
-        }
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT count(*) FROM pg_publication_tables WHERE pubname = {} \
-                 AND schemaname = {} AND tablename = {}",
-                quote_literal(&s.publication),
-                quote_literal(&s.table_schema),
-                quote_literal(&s.table_name)
-            ))
-            .await?;
-        if first_cell(&rows).is_none_or(|v| v == "0") {
-            return Err(CdcError::PublicationMissingTable {
-                publication: s.publication.clone(),
-                table,
-            });
-        }
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT plugin, database, active_pid, confirmed_flush_lsn, wal_status, \
-                 current_database() FROM pg_replication_slots WHERE slot_name = {}",
-                quote_literal(&s.slot)
-            ))
-            .await?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let (plugin, database, active_pid, confirmed, wal_status, current_db) =
-            (cell(0), cell(1), cell(2), cell(3), cell(4), cell(5));
-        if plugin != "pgoutput" {
-            return Err(CdcError::SlotPlugin {
-                slot: s.slot.clone(),
-                plugin,
-            });
-        }
-        if database != current_db {
-            return Err(CdcError::SlotDatabase {
-                slot: s.slot.clone(),
-                database,
-                expected: current_db,
-            });
-        }
-        if wal_status == "lost" {
-            return Err(CdcError::SlotLost(s.slot.clone()));
-        }
-        if !active_pid.is_empty() {
-            return Err(CdcError::SlotInUse {
-                slot: s.slot.clone(),
-                pid: active_pid,
-            });
-        }
-        confirmed
-            .parse::<Lsn>()
-            .map(Some)
-            .map_err(|e| CdcError::Unexpected(format!("confirmed_flush_lsn: {e}")))
+        crate::slot_watch::preflight(sql, self.s).await
     }
 
     async fn stream(
@@ -1100,15 +1022,6 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-async fn one_value(sql: &mut ReplicationClient, query: &str) -> Result<String, CdcError> {
-    let rows = sql.simple_query(query).await?;
-    first_cell(&rows).ok_or_else(|| CdcError::Unexpected(format!("{query} returned no value")))
-}
-
-fn first_cell(rows: &[Vec<Option<String>>]) -> Option<String> {
-    rows.first().and_then(|r| r.first()).cloned().flatten()
 }
 
 /// `'text'` with quotes doubled: a SQL string literal.

@@ -183,6 +183,8 @@ pub struct RelayConfig {
     pub log: LogConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Slot metrics read from `pg_replication_slots` (CDC).
+    pub slot_watch: SlotWatchConfig,
 }
 
 /// `[postgres]`
@@ -759,6 +761,27 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[slot_watch]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlotWatchConfig {
+    /// How often `pg_replication_slots` is read for the slot metrics.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Also watch every other slot of the database, and the physical slots: one forgotten slot
+    /// fills the same disk.
+    pub all_slots: bool,
+}
+
+impl Default for SlotWatchConfig {
+    fn default() -> Self {
+        SlotWatchConfig {
+            interval: Duration::from_secs(10),
+            all_slots: false,
+        }
+    }
+}
+
 impl RelayConfig {
     /// Loads from the optional file and the process environment, then validates.
     pub fn load(path: Option<&Path>) -> Result<RelayConfig, ConfigError> {
@@ -1013,6 +1036,9 @@ impl RelayConfig {
 
         // shutdown
         positive(&mut check, "shutdown.timeout", self.shutdown.timeout);
+
+        // slot_watch
+        positive(&mut check, "slot_watch.interval", self.slot_watch.interval);
         p
     }
 }
@@ -1620,5 +1646,7 @@ mod tests {
         assert_eq!(c.kafka.transaction_timeout, d.kafka.transaction_timeout);
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);
         assert_eq!(c.http.listen, d.http.listen);
+        assert_eq!(c.slot_watch.interval, d.slot_watch.interval);
+        assert_eq!(c.slot_watch.all_slots, d.slot_watch.all_slots);
     }
 }

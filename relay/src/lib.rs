@@ -5,8 +5,8 @@
 //! ```text
 //!  main.rs (bin `relay`)       CLI: cdc | poll | migrate | check-config; exit: its exit codes
 //!     │
-//!  cdc / poll                  the two relays, side by side (neither imports the other)
-//!     │
+//!  cdc / poll   slot_watch  status   the two relays side by side (neither imports the other);
+//!     │                             slot metrics, start-up checks, `relay status`
 //!  pipeline                    batching, commit in flight, checkpoint, DLQ records, reconnects
 //!     │
 //!  replication  outbox  sink  checkpoint   Postgres protocol; envelope; Kafka; progress record
@@ -26,5 +26,7 @@ pub mod pipeline;
 pub mod replication;
 pub mod shutdown;
 pub mod sink;
+pub mod slot_watch;
+pub mod status;
 pub mod systemd;
 pub mod telemetry;

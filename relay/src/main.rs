@@ -68,6 +68,21 @@ enum Command {
     /// slot'; consumers deduplicate on event_id).
     ResetCheckpoint,
 
+    /// Print, for on-call, the CDC relay's slot (state, retained WAL, lag), its last checkpoint
+    /// in Kafka (position and time) and what a restart of `relay cdc` would do.
+    ///
+    /// Safe while the relay runs: the checkpoint is read by a plain consumer (read_committed),
+    /// never by the relay's transactional producer, so the running relay is not fenced. Exits 0
+    /// when a restart would stream, 3 when it would refuse to start (operator action needed, the
+    /// reason is printed), 1 when Postgres or the checkpoint cannot be read.
+    Status,
+
+    /// Export the slot metrics (relay_slot_*) alone, without streaming: the slot watcher of
+    /// `relay cdc` with the same /metrics, /healthz and /readyz (ready while the slot can be
+    /// read), for slot alerts that do not depend on the relay process (a frozen relay exports
+    /// nothing). Scrape it as a job of its own. Runs until SIGTERM/SIGINT (exit 0).
+    WatchSlots,
+
     /// Apply the schema migrations (outbox, publication, dedup table, demo orders). Idempotent.
     Migrate {
         /// Postgres connection URL, e.g. postgres://user@127.0.0.1:55432/db
@@ -83,6 +98,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
         Command::Cdc => run_cdc(cli.config.as_deref()).await,
         Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
+        Command::Status => status(cli.config.as_deref()).await,
+        Command::WatchSlots => watch_slots(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
             println!("applied {n} migration(s)");
@@ -214,7 +231,7 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
                     reset.current.relay,
                     p.end_lsn(),
                     p.system_id,
-                    written_at(p.written_at_us),
+                    relay::status::written_at(p.written_at_us),
                     reset.current.end_lsn()
                 ),
                 None => println!(
@@ -237,15 +254,43 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A checkpoint's `written_at_us` as RFC 3339 UTC, for the operator who re-publishes from it.
-fn written_at(us: i64) -> String {
-    match u64::try_from(us) {
-        Ok(us) => {
-            let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
-            humantime_serde::re::humantime::format_rfc3339_micros(t).to_string()
+async fn status(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    relay::telemetry::init(cfg.log.format, &cfg.log.level)?;
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    match relay::status::gather(&settings).await {
+        Ok(status) => {
+            print!("{status}");
+            Ok(ExitCode::from(status.restart().exit_code()))
         }
-        Err(_) => format!("{us} µs since the epoch"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
+}
+
+async fn watch_slots(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let daemon = Daemon::start(&cfg).await?;
+    let mut watch = relay::slot_watch::SlotWatchSettings::from_config(&cfg, &settings);
+    watch.owns_readiness = true;
+    relay::slot_watch::run(
+        watch,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    daemon.stop().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
@@ -256,6 +301,18 @@ async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
     let daemon = Daemon::start(&cfg).await?;
     let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);
+    daemon.health.set_note(
+        relay::health::NoteSource::Relay,
+        Some("starting: checking Postgres, reading the checkpoint from Kafka".to_owned()),
+    );
+    // The slot metrics come from a task of their own, so they keep being exported while the
+    // relay loop cannot stream (that is when they matter most).
+    let watch = tokio::spawn(relay::slot_watch::run(
+        relay::slot_watch::SlotWatchSettings::from_config(&cfg, &settings),
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    ));
     let result = relay::cdc::run(
         settings,
         daemon.metrics.clone(),
@@ -265,6 +322,7 @@ async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     .await;
     backstop.abort();
     daemon.stop().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

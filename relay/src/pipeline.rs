@@ -620,6 +620,11 @@ pub async fn run_sessions<'a, E: SessionError>(
             Ok(()) => return Ok(()),
             Err(e) if e.disposition() == Disposition::Retry => {
                 metrics.reconnects(e.component()).inc();
+                // /readyz says why the relay is not ready.
+                health.set_note(
+                    crate::health::NoteSource::Relay,
+                    Some(format!("reconnecting after: {e}")),
+                );
                 if started.elapsed() > Duration::from_secs(30) {
                     failures = 0;
                 }

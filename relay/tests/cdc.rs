@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
+/// Shared with the other test modules (`slot_watch`).
 pub(crate) struct Harness {
     pub(crate) db_url: String,
     pub(crate) bootstrap: String,
@@ -75,19 +76,28 @@ impl Harness {
 
     /// The relay's /metrics text (its http.listen is in `env`).
     pub(crate) async fn metrics(env: &RelayEnv) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = env
-            .vars
+        Self::http_get(env, "/metrics").await
+    }
+
+    /// The relay's http.listen address (in `env`).
+    pub(crate) fn http_listen(env: &RelayEnv) -> String {
+        env.vars
             .iter()
             .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
             .map(|(_, v)| v.clone())
-            .expect("http.listen set");
+            .expect("http.listen set")
+    }
+
+    /// The whole HTTP response (status line, headers, body) of GET `path` on the relay's
+    /// http.listen (in `env`).
+    pub(crate) async fn http_get(env: &RelayEnv, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = Self::http_listen(env);
         let mut s = tokio::net::TcpStream::connect(&addr)
             .await
-            .expect("connect /metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+            .expect("connect to http.listen");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -701,25 +711,33 @@ async fn a_slot_of_another_plugin_is_refused() {
     h.expect_refusal(1, "uses the output plugin \\\"test_decoding\\\"");
 }
 
+impl Harness {
+    /// Another reader streaming the slot: the stream and its server process id.
+    pub(crate) async fn hold_slot(&self) -> (relay::replication::conn::ReplicationStream, i32) {
+        use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
+        let cfg = ReplicationConfig::from_url(&self.db_url).unwrap();
+        let client = ReplicationClient::connect(&cfg).await.unwrap();
+        let pid = client.backend_key().expect("backend key").process_id;
+        let stream = client
+            .start_replication(
+                &self.slot,
+                relay::replication::Lsn::INVALID,
+                StartOptions::new(vec!["outbox_pub".into()]),
+            )
+            .await
+            .unwrap();
+        (stream, pid)
+    }
+}
+
 /// A slot another reader holds: the relay says so and retries (it does not exit), then streams
 /// once the slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_in_use_is_waited_for() {
-    use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
     let db = TestDb::create().await;
     let h = Harness::new(db.url(), kafka::bootstrap());
     h.create_slot().await;
-    let cfg = ReplicationConfig::from_url(&h.db_url).unwrap();
-    let holder = ReplicationClient::connect(&cfg)
-        .await
-        .unwrap()
-        .start_replication(
-            &h.slot,
-            relay::replication::Lsn::INVALID,
-            StartOptions::new(vec!["outbox_pub".into()]),
-        )
-        .await
-        .unwrap();
+    let (holder, _) = h.hold_slot().await;
     let mut relay = h.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !relay.log_text().contains("is in use by process") {
@@ -877,6 +895,11 @@ async fn debezium_columns_messages_ignored_changes_and_poison() {
         sample(&m, "relay_events_total{kind=\"message\",relay=\"cdc\"}"),
         Some(1.0),
         "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_dlq_records_total{relay=\"cdc\"}"),
+        Some(1.0),
+        "the poison message is counted: {m}"
     );
     assert!(relay
         .terminate(Duration::from_secs(20))

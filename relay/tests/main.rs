@@ -13,6 +13,7 @@ mod pgoutput_stream;
 mod replication_client;
 mod routing;
 mod sink;
+mod slot_watch;
 mod smoke;
 mod stack;
 mod support;

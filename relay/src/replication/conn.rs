@@ -302,8 +302,25 @@ impl ReplicationClient {
     /// SCRAM-SHA-256) and waits for the server to be ready. The whole set-up is bounded by
     /// `cfg.connect_timeout` (a timeout is an `Io` error of kind `TimedOut`, transient).
     pub async fn connect(cfg: &ReplicationConfig) -> Result<ReplicationClient, ReplicationError> {
+        Self::connect_as(cfg, true).await
+    }
+
+    /// Like [`ReplicationClient::connect`], but an ordinary session (no `replication=database`):
+    /// SQL only, no replication commands. It takes no walsender slot (`max_wal_senders`), so a
+    /// monitor on it keeps working when every walsender is taken or the relay cannot stream.
+    pub async fn connect_ordinary(
+        cfg: &ReplicationConfig,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        Self::connect_as(cfg, false).await
+    }
+
+    async fn connect_as(
+        cfg: &ReplicationConfig,
+        replication: bool,
+    ) -> Result<ReplicationClient, ReplicationError> {
         cfg.validate()?;
-        match tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg)).await {
+        match tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg, replication)).await
+        {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -316,7 +333,10 @@ impl ReplicationClient {
         }
     }
 
-    async fn connect_inner(cfg: &ReplicationConfig) -> Result<ReplicationClient, ReplicationError> {
+    async fn connect_inner(
+        cfg: &ReplicationConfig,
+        replication: bool,
+    ) -> Result<ReplicationClient, ReplicationError> {
         let (socket, tls): (Box<dyn Socket>, bool) = match &cfg.unix_socket_dir {
             Some(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", cfg.port));
@@ -344,17 +364,17 @@ impl ReplicationClient {
             tls,
         };
 
-        frontend::startup_message(
-            [
-                ("user", cfg.user.as_str()),
-                ("database", cfg.dbname.as_str()),
-                ("replication", "database"),
-                ("application_name", cfg.application_name.as_str()),
-                // Text results are decoded as UTF-8.
-                ("client_encoding", "UTF8"),
-            ],
-            &mut client.conn.wbuf,
-        )?;
+        let mut params = vec![
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("application_name", cfg.application_name.as_str()),
+            // Text results are decoded as UTF-8.
+            ("client_encoding", "UTF8"),
+        ];
+        if replication {
+            params.push(("replication", "database"));
+        }
+        frontend::startup_message(params, &mut client.conn.wbuf)?;
         client.conn.send().await?;
         client.authenticate(cfg).await?;
         client.wait_until_ready().await?;
