@@ -7,6 +7,7 @@
 //!
 //! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
 
+use super::security::{await_connection, SecurityWatch};
 use super::{Backend, SinkError};
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
@@ -70,6 +71,7 @@ pub struct KafkaBackend {
     runtime: tokio::runtime::Handle,
     known_topics: HashSet<String>,
     queue_full: Option<prometheus::IntCounter>,
+    security: SecurityWatch,
 }
 
 impl KafkaBackend {
@@ -83,6 +85,7 @@ impl KafkaBackend {
             runtime,
             known_topics: HashSet::new(),
             queue_full: None,
+            security: SecurityWatch::default(),
         }
     }
 
@@ -370,9 +373,15 @@ impl Deliveries {
 /// (a record failed before it had a partition, say) can let a transaction commit without it.
 struct SinkContext {
     deliveries: Arc<Deliveries>,
+    security: SecurityWatch,
 }
 
-impl rdkafka::client::ClientContext for SinkContext {}
+impl rdkafka::client::ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.security.observe(&error, reason);
+        tracing::error!(error = %error, reason, "producer: librdkafka error");
+    }
+}
 
 impl rdkafka::producer::ProducerContext for SinkContext {
     type DeliveryOpaque = usize;
@@ -467,8 +476,17 @@ impl Backend for KafkaBackend {
         let producer: ThreadedProducer<SinkContext> = config
             .create_with_context(SinkContext {
                 deliveries: self.deliveries.clone(),
+                security: self.security.clone(),
             })
             .map_err(|e| SinkError::Config(e.to_string()))?;
+        // A refused SASL login or an unverifiable broker certificate ends here, with the
+        // broker's reason, instead of in timeouts further on.
+        await_connection(
+            producer.client(),
+            &self.security,
+            &self.settings.bootstrap_servers,
+            CALL_TIMEOUT,
+        )?;
         self.producer = Some(producer);
         let topic = self.settings.checkpoint_topic.clone();
         self.ensure_topic(&topic, 1, true)?;
