@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
-struct Harness {
+pub(crate) struct Harness {
     db_url: String,
     bootstrap: String,
     slot: String,
@@ -21,7 +21,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(db_url: String, bootstrap: String) -> Harness {
+    pub(crate) fn new(db_url: String, bootstrap: String) -> Harness {
         Harness {
             db_url,
             bootstrap,
@@ -32,7 +32,7 @@ impl Harness {
         }
     }
 
-    fn env(&self) -> RelayEnv {
+    pub(crate) fn env(&self) -> RelayEnv {
         let mut e = RelayEnv::default();
         e.set("RELAY_POSTGRES__URL", &self.db_url)
             .set("RELAY_KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap)
@@ -95,7 +95,7 @@ impl Harness {
         c
     }
 
-    async fn create_slot(&self) {
+    pub(crate) async fn create_slot(&self) {
         self.client()
             .await
             .execute(
@@ -275,7 +275,7 @@ impl Harness {
 
     /// The end of a single-relay load test: stop the writers, settle, and assert that every
     /// committed event arrived exactly once, in per-key order.
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         relay: &mut RelayProc,
         state: &LoadState,
@@ -295,7 +295,7 @@ impl Harness {
     }
 }
 
-fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
+pub(crate) fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
     let state = LoadState::default();
     let handles = writers_on(url, 0..n, &state);
     (state, handles)

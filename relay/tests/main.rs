@@ -8,6 +8,7 @@ mod cdc;
 mod compose;
 mod pgoutput_stream;
 mod replication_client;
+mod security;
 mod sink;
 mod smoke;
 mod stack;
