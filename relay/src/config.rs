@@ -22,7 +22,8 @@
 //! Secrets: the Postgres password may sit in `postgres.url`, but `postgres.password_file` (e.g. a
 //! systemd credential) is preferred. Neither `Debug` nor the `Serialize` output used by
 //! `relay check-config` ever shows a password: the URL's password and any librdkafka option whose
-//! name contains `password` or `secret` are replaced by `***`.
+//! name contains `password` or `secret` (and `ssl.key.pem`, `sasl.oauthbearer.config`) are
+//! replaced by `***`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -590,7 +591,11 @@ impl LibrdkafkaOptions {
         self.0
             .iter()
             .map(|(k, v)| {
-                let secret = k.contains("password") || k.contains("secret");
+                // Besides passwords and secrets: an inline private key, and the OAUTHBEARER
+                // configuration string, which may carry credentials.
+                let secret = k.contains("password")
+                    || k.contains("secret")
+                    || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config");
                 (k.as_str(), if secret { REDACTED } else { v.as_str() })
             })
             .collect()
@@ -1621,6 +1626,14 @@ mod tests {
             "kafka-secret".to_owned(),
         ));
         e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SSL.KEY.PEM".to_owned(),
+            "-----BEGIN PRIVATE KEY----- key-bytes".to_owned(),
+        ));
+        e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SASL.OAUTHBEARER.CONFIG".to_owned(),
+            "principal=relay token-bytes".to_owned(),
+        ));
+        e.push((
             "RELAY_POSTGRES__PASSWORD_FILE".to_owned(),
             "/run/credentials/relay/pg".to_owned(),
         ));
@@ -1630,6 +1643,8 @@ mod tests {
         for shown in [&debug, &json] {
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(!shown.contains("kafka-secret"), "{shown}");
+            assert!(!shown.contains("key-bytes"), "{shown}");
+            assert!(!shown.contains("token-bytes"), "{shown}");
             assert!(
                 shown.contains("postgres://relay:***@127.0.0.1:5432/app"),
                 "{shown}"
