@@ -65,7 +65,7 @@ pub(crate) async fn open(
 /// within `cfg.connect_timeout` (a timeout is an `Io` error of kind `TimedOut`, transient).
 pub(crate) async fn establish<T, F>(
     cfg: &ReplicationConfig,
-    attempt: F,
+    mut attempt: F,
 ) -> Result<T, ReplicationError>
 where
     F: for<'a> FnMut(
@@ -74,7 +74,24 @@ where
     ) -> futures_util::future::BoxFuture<'a, Result<T, ReplicationError>>,
 {
     cfg.validate()?;
-    match tokio::time::timeout(cfg.connect_timeout, with_prefer_fallback(cfg, attempt)).await {
+    let with_fallback = async {
+        let mut encrypted = false;
+        match attempt(cfg, &mut encrypted).await {
+            Err(e) if cfg.sslmode == SslMode::Prefer && encrypted && plain_may_help(&e) => {
+                tracing::warn!(
+                    host = %cfg.host,
+                    port = cfg.port,
+                    error = %e,
+                    "connection over TLS failed; sslmode=prefer retries without TLS"
+                );
+                let mut plain = cfg.clone();
+                plain.sslmode = SslMode::Disable;
+                attempt(&plain, &mut encrypted).await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(cfg.connect_timeout, with_fallback).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -84,34 +101,6 @@ where
             ),
         )
         .into()),
-    }
-}
-
-async fn with_prefer_fallback<T, F>(
-    cfg: &ReplicationConfig,
-    mut attempt: F,
-) -> Result<T, ReplicationError>
-where
-    F: for<'a> FnMut(
-        &'a ReplicationConfig,
-        &'a mut bool,
-    ) -> futures_util::future::BoxFuture<'a, Result<T, ReplicationError>>,
-{
-    let mut encrypted = false;
-    let first = attempt(cfg, &mut encrypted).await;
-    match first {
-        Err(e) if cfg.sslmode == SslMode::Prefer && encrypted && plain_may_help(&e) => {
-            tracing::warn!(
-                host = %cfg.host,
-                port = cfg.port,
-                error = %e,
-                "connection over TLS failed; sslmode=prefer retries without TLS"
-            );
-            let mut plain = cfg.clone();
-            plain.sslmode = SslMode::Disable;
-            attempt(&plain, &mut encrypted).await
-        }
-        other => other,
     }
 }
 
