@@ -436,3 +436,38 @@ async fn cdc_relays_exactly_once_as_a_least_privilege_role() {
         .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
         .await;
 }
+
+/// A SQL connection authenticates as the replication client does, over TLS: SCRAM-SHA-256 with
+/// the right password (tokio-postgres on the relay's own TLS socket, without channel binding),
+/// and a wrong password is an `Auth` error with the server's SQLSTATE 28P01, not transient.
+#[tokio::test]
+async fn sql_connections_authenticate_over_the_relays_tls() {
+    let (user, password) = pg::SCRAM_USER;
+    let url = |password: &str| {
+        format!(
+            "postgres://{user}:{password}@{}:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            pg::host(),
+            pg::port(),
+            pg::server_cert().display()
+        )
+    };
+    let cfg = ReplicationConfig::from_url(&url(password)).unwrap();
+    let client = connect_sql(&cfg).await.expect("SCRAM over TLS");
+    let (ssl, me): (bool, String) = {
+        let row = client
+            .query_one(
+                "SELECT ssl, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(ssl && me == user, "{ssl} {me}");
+
+    let wrong = ReplicationConfig::from_url(&url("not-it")).unwrap();
+    let err = connect_sql(&wrong).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+    assert!(!err.is_transient(), "{err}");
+    assert!(!err.to_string().contains("not-it"), "{err}");
+}
