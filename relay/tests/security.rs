@@ -193,7 +193,8 @@ async fn commit_through(settings: KafkaSettings, n: usize) -> Result<String, Sin
 /// The other SASL mechanisms production clusters use, over the SASL_SSL listener: PLAIN, and
 /// OAUTHBEARER (librdkafka's unsecured JWT, which the test broker accepts; a real cluster takes
 /// `sasl.oauthbearer.method=oidc`, built in too). And TLS alone on the SSL listener. Each
-/// commits 10 records in a transaction, counted under read_committed.
+/// commits 10 records in a transaction, counted under read_committed, compressed with one of
+/// the codecs the build carries (lz4, zstd, gzip).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sink_commits_over_plain_oauthbearer_and_ssl() {
     let tls = [
@@ -210,6 +211,7 @@ async fn the_sink_commits_over_plain_oauthbearer_and_ssl() {
                 ("sasl.mechanism", "PLAIN".into()),
                 ("sasl.username", "relay_plain".into()),
                 ("sasl.password", "plain-secret".into()),
+                ("compression.type", "lz4".into()),
             ],
         ),
         (
@@ -220,12 +222,16 @@ async fn the_sink_commits_over_plain_oauthbearer_and_ssl() {
                 ("sasl.mechanism", "OAUTHBEARER".into()),
                 ("enable.sasl.oauthbearer.unsecure.jwt", "true".into()),
                 ("sasl.oauthbearer.config", "principal=relay".into()),
+                ("compression.type", "zstd".into()),
             ],
         ),
         (
             "SSL",
             ssl_bootstrap(),
-            vec![("security.protocol", "SSL".into())],
+            vec![
+                ("security.protocol", "SSL".into()),
+                ("compression.type", "gzip".into()),
+            ],
         ),
     ];
     for (what, bootstrap, mut options) in cases {
