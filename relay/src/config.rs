@@ -22,7 +22,8 @@
 //! Secrets: the Postgres password may sit in `postgres.url`, but `postgres.password_file` (e.g. a
 //! systemd credential) is preferred. Neither `Debug` nor the `Serialize` output used by
 //! `relay check-config` ever shows a password: the URL's password and any librdkafka option whose
-//! name contains `password` or `secret` are replaced by `***`.
+//! name contains `password` or `secret` (and `ssl.key.pem`, `sasl.oauthbearer.config`) are
+//! replaced by `***`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +34,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use config::{Source, Value, ValueKind};
+
+use crate::replication::conn::{ReplicationConfig, ReplicationError};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What replaces a secret in every rendering of the configuration.
@@ -223,28 +226,35 @@ impl fmt::Debug for PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// The connection settings for tokio-postgres: the URL, the password from `password_file`
-    /// when set (trailing newline trimmed, as editors and `echo` add one), the connect timeout.
+    /// The connection settings every Postgres connection of the relay uses (replication and
+    /// SQL): the URL parsed by the code that connects, the password from `password_file` when
+    /// set (trailing newline trimmed, as editors and `echo` add one), the connect timeout.
     ///
     /// Reads the password file on every call, so a rotated credential is picked up on reconnect.
-    pub fn connect_options(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut options = tokio_postgres::Config::from_str(self.url.expose()).map_err(|e| {
-            ConfigError::Invalid(vec![Problem::new(
-                "postgres.url",
-                format!("not a valid connection URL ({e})"),
-            )])
-        })?;
+    pub fn connection(&self) -> Result<ReplicationConfig, ConfigError> {
+        let mut cfg = ReplicationConfig::from_url(self.url.expose())
+            .map_err(|e| ConfigError::Invalid(vec![url_problem(&e)]))?;
         if let Some(path) = &self.password_file {
             let password =
                 std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
                     path: path.clone(),
                     source,
                 })?;
-            options.password(password.trim_end_matches(['\r', '\n']));
+            cfg.password = Some(password.trim_end_matches(['\r', '\n']).to_owned());
         }
-        options.connect_timeout(self.connect_timeout);
-        Ok(options)
+        cfg.connect_timeout = self.connect_timeout;
+        Ok(cfg)
     }
+}
+
+/// A `postgres.url` the connection code refuses. Its messages name the bad part, never a value
+/// that could be a secret.
+fn url_problem(e: &ReplicationError) -> Problem {
+    let what = match e {
+        ReplicationError::Config(what) => what.clone(),
+        other => other.to_string(),
+    };
+    Problem::new("postgres.url", what)
 }
 
 /// A Postgres connection URL whose password is never displayed.
@@ -531,7 +541,11 @@ impl LibrdkafkaOptions {
         self.0
             .iter()
             .map(|(k, v)| {
-                let secret = k.contains("password") || k.contains("secret");
+                // Besides passwords and secrets: an inline private key, and the OAUTHBEARER
+                // configuration string, which may carry credentials.
+                let secret = k.contains("password")
+                    || k.contains("secret")
+                    || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config");
                 (k.as_str(), if secret { REDACTED } else { v.as_str() })
             })
             .collect()
@@ -862,13 +876,12 @@ impl RelayConfig {
                 "postgres.url",
                 "must be a postgres:// or postgresql:// URL".to_owned(),
             );
-        } else if let Err(e) = tokio_postgres::Config::from_str(url) {
-            // tokio-postgres names the bad option, never its value, so this cannot leak.
-            check(
-                false,
-                "postgres.url",
-                format!("not a valid connection URL ({e})"),
-            );
+        } else if let Err(e) = ReplicationConfig::from_url(url)
+            .and_then(|pg| crate::replication::conn::check_tls_settings(&pg))
+        {
+            // The parser and the TLS set-up the relay connects with; `sslrootcert` is read.
+            let problem = url_problem(&e);
+            check(false, &problem.key, problem.message);
         }
         positive(
             &mut check,
@@ -1587,6 +1600,14 @@ mod tests {
             "kafka-secret".to_owned(),
         ));
         e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SSL.KEY.PEM".to_owned(),
+            "-----BEGIN PRIVATE KEY----- key-bytes".to_owned(),
+        ));
+        e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SASL.OAUTHBEARER.CONFIG".to_owned(),
+            "principal=relay token-bytes".to_owned(),
+        ));
+        e.push((
             "RELAY_POSTGRES__PASSWORD_FILE".to_owned(),
             "/run/credentials/relay/pg".to_owned(),
         ));
@@ -1596,6 +1617,8 @@ mod tests {
         for shown in [&debug, &json] {
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(!shown.contains("kafka-secret"), "{shown}");
+            assert!(!shown.contains("key-bytes"), "{shown}");
+            assert!(!shown.contains("token-bytes"), "{shown}");
             assert!(
                 shown.contains("postgres://relay:***@127.0.0.1:5432/app"),
                 "{shown}"
@@ -1625,12 +1648,39 @@ mod tests {
             secret.0.display().to_string(),
         ));
         let c = RelayConfig::load_from(None, e).unwrap();
-        let options = c.postgres.connect_options().unwrap();
-        assert_eq!(options.get_password(), Some(&b"from-file"[..]));
-        assert_eq!(
-            options.get_connect_timeout(),
-            Some(&Duration::from_secs(10))
+        let pg = c.postgres.connection().unwrap();
+        assert_eq!(pg.password.as_deref(), Some("from-file"));
+        assert_eq!(pg.connect_timeout, Duration::from_secs(10));
+        assert_eq!((pg.user.as_str(), pg.dbname.as_str()), ("relay", "app"));
+    }
+
+    #[test]
+    fn the_url_is_checked_by_the_code_that_connects() {
+        let problems = |url: &str| {
+            let mut e = required();
+            e[0].1 = url.to_owned();
+            match RelayConfig::load_from(None, e) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems(),
+            }
+        };
+        assert!(problems("postgres://u@h/db?sslmode=verify-full").is_empty());
+        let missing =
+            problems("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        assert!(
+            missing.len() == 1
+                && missing[0].contains("postgres.url")
+                && missing[0].contains("/nonexistent/ca.pem"),
+            "{missing:?}"
         );
+        let unknown = problems("postgres://u:s3cret@h/db?sslcert=/x.pem");
+        assert!(
+            unknown.len() == 1 && unknown[0].contains("sslcert"),
+            "{unknown:?}"
+        );
+        assert!(!unknown[0].contains("s3cret"), "{unknown:?}");
+        let mode = problems("postgres://u@h/db?sslmode=verify-ca");
+        assert!(mode.len() == 1 && mode[0].contains("verify-ca"), "{mode:?}");
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //!     │
 //!  config  metrics  telemetry  shutdown  health
 //! ```
+//!
+//! One exception, deliberate: `config` validates `postgres.url` with the parser and TLS checks of
+//! `replication::conn` (one Postgres configuration for every connection, so a URL that
+//! validates is one that connects). `replication` imports nothing else of the crate, so there
+//! is no cycle.
 
 pub mod cdc;
 pub mod checkpoint;

@@ -320,7 +320,7 @@ impl Harness {
     }
 }
 
-fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
+pub(crate) fn start_writers(url: &str, n: u32) -> (LoadState, Vec<tokio::task::JoinHandle<()>>) {
     let state = LoadState::default();
     let handles = writers_on(url, 0..n, &state);
     (state, handles)

@@ -57,9 +57,11 @@ async fn a_checkpoint_of_another_cluster_is_refused() {
 /// `max_slot_wal_keep_size`, here 1MB) while the relay was stopped: refused with exit 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_slot_is_refused() {
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start_with("max_slot_wal_keep_size = 1MB"))
-        .await
-        .unwrap();
+    let pg = tokio::task::spawn_blocking(|| {
+        PgCluster::start_with(|_| ("max_slot_wal_keep_size = 1MB\n".to_owned(), String::new()))
+    })
+    .await
+    .unwrap();
     relay::migrate::run(&pg.url("postgres"))
         .await
         .expect("migrate");

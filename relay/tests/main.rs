@@ -12,6 +12,7 @@ mod kafka_reader;
 mod pgoutput_stream;
 mod replication_client;
 mod routing;
+mod security;
 mod sink;
 mod slot_watch;
 mod smoke;

@@ -62,6 +62,7 @@
 mod config;
 mod error;
 mod frame;
+mod sql;
 mod tls;
 
 use std::collections::HashMap;
@@ -74,11 +75,12 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 
 pub use config::{ReplicationConfig, SslMode};
 pub use error::{sqlstate, DbError, ReplicationError};
 pub use frame::{pg_now_micros, ReplicationMessage, MAX_MESSAGE_LEN};
+pub use sql::connect_sql;
+pub use tls::check_tls_settings;
 
 use frame::{Frame, FrameReader, StreamEvent, COPY_BOTH_RESPONSE_TAG};
 
@@ -301,6 +303,9 @@ impl ReplicationClient {
     /// Connects, negotiates TLS as `cfg.sslmode` says, authenticates (trust, cleartext, MD5 or
     /// SCRAM-SHA-256) and waits for the server to be ready. The whole set-up is bounded by
     /// `cfg.connect_timeout` (a timeout is an `Io` error of kind `TimedOut`, transient).
+    ///
+    /// Under `sslmode=prefer` a connection that fails once encrypted is retried without TLS,
+    /// as libpq does (see [`SslMode::Prefer`]).
     pub async fn connect(cfg: &ReplicationConfig) -> Result<ReplicationClient, ReplicationError> {
         Self::connect_as(cfg, true).await
     }
@@ -318,45 +323,20 @@ impl ReplicationClient {
         cfg: &ReplicationConfig,
         replication: bool,
     ) -> Result<ReplicationClient, ReplicationError> {
-        cfg.validate()?;
-        match tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg, replication)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "connecting took longer than connect_timeout ({:?})",
-                    cfg.connect_timeout
-                ),
-            )
-            .into()),
-        }
+        tls::establish(cfg, |cfg, encrypted| {
+            Box::pin(Self::connect_inner(cfg, replication, encrypted))
+        })
+        .await
     }
 
+    /// One connection attempt; `encrypted` is set once TLS is agreed on.
     async fn connect_inner(
         cfg: &ReplicationConfig,
         replication: bool,
+        encrypted: &mut bool,
     ) -> Result<ReplicationClient, ReplicationError> {
-        let (socket, tls): (Box<dyn Socket>, bool) = match &cfg.unix_socket_dir {
-            Some(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{}", cfg.port));
-                (Box::new(UnixStream::connect(path).await?), false)
-            }
-            None => {
-                let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-                // Status updates are small and latency matters more than packet count.
-                tcp.set_nodelay(true)?;
-                // A peer that vanished (host down, network partition, a NAT that dropped the
-                // flow) is noticed by the kernel within about a minute and the read fails,
-                // instead of a replication stream waiting forever for the next message.
-                let keepalive = socket2::TcpKeepalive::new()
-                    .with_time(std::time::Duration::from_secs(30))
-                    .with_interval(std::time::Duration::from_secs(10))
-                    .with_retries(3);
-                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
-                tls::negotiate(tcp, cfg).await?
-            }
-        };
+        let socket = tls::open(cfg, encrypted).await?;
+        let tls = *encrypted;
         let mut client = ReplicationClient {
             conn: Connection::new(socket),
             parameters: HashMap::new(),

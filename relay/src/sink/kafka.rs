@@ -7,6 +7,7 @@
 //!
 //! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
 
+use super::security::{await_connection, SecurityWatch};
 use super::{Backend, Returned, SinkError};
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
@@ -74,6 +75,7 @@ pub struct KafkaBackend {
     refused_topics: HashMap<String, (String, &'static str)>,
     poison: Poison,
     queue_full: Option<prometheus::IntCounter>,
+    security: SecurityWatch,
 }
 
 /// Records whose delivery failed with a definite error (too large for the broker, topic not
@@ -191,6 +193,7 @@ impl KafkaBackend {
             refused_topics: HashMap::new(),
             poison: Poison::default(),
             queue_full: None,
+            security: SecurityWatch::default(),
         }
     }
 
@@ -611,9 +614,15 @@ impl Deliveries {
 struct SinkContext {
     deliveries: Arc<Deliveries>,
     poison: Poison,
+    security: SecurityWatch,
 }
 
-impl rdkafka::client::ClientContext for SinkContext {}
+impl rdkafka::client::ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.security.observe(&error, reason);
+        tracing::error!(error = %error, reason, "producer: librdkafka error");
+    }
+}
 
 impl rdkafka::producer::ProducerContext for SinkContext {
     type DeliveryOpaque = usize;
@@ -746,8 +755,17 @@ impl Backend for KafkaBackend {
             .create_with_context(SinkContext {
                 deliveries: self.deliveries.clone(),
                 poison: self.poison.clone(),
+                security: self.security.clone(),
             })
             .map_err(|e| SinkError::Config(e.to_string()))?;
+        // A refused SASL login or an unverifiable broker certificate ends here, with the
+        // broker's reason, instead of in timeouts further on.
+        await_connection(
+            producer.client(),
+            &self.security,
+            &self.settings.bootstrap_servers,
+            CALL_TIMEOUT,
+        )?;
         self.producer = Some(producer);
         let topic = self.settings.checkpoint_topic.clone();
         self.ensure_topic(&topic, 1, true)?;

@@ -35,6 +35,28 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1 as `server.crt`/`server.key` in a
+/// cluster's data directory (Postgres's defaults for `ssl = on`), made as the cluster's owner.
+pub fn make_server_cert(data: &Path) {
+    let out = pg_command(Path::new("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(data.join("server.key"))
+        .arg("-out")
+        .arg(data.join("server.crt"))
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A throwaway Postgres cluster with the stack's settings, for tests that restart Postgres.
 pub struct PgCluster {
     pub dir: PathBuf,
@@ -44,11 +66,12 @@ pub struct PgCluster {
 
 impl PgCluster {
     pub fn start() -> PgCluster {
-        Self::start_with("")
+        Self::start_with(|_| (String::new(), String::new()))
     }
 
-    /// A cluster whose postgresql.conf ends with `extra_conf` (later lines win).
-    pub fn start_with(extra_conf: &str) -> PgCluster {
+    /// A cluster whose data directory `setup` prepares after initdb: it returns settings to
+    /// append to postgresql.conf and, when not empty, the whole pg_hba.conf.
+    pub fn start_with(setup: impl FnOnce(&Path) -> (String, String)) -> PgCluster {
         let bin = PathBuf::from(env_or("STACK_PG_BIN", "/usr/lib/postgresql/15/bin"));
         let dir = Self::new_dir();
         let data = dir.join("data");
@@ -75,9 +98,13 @@ impl PgCluster {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres.conf"),
         )
         .expect("scripts/postgres.conf");
+        let (own_conf, hba) = setup(&data);
+        if !hba.is_empty() {
+            std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
+        }
         let extra = format!(
             "{conf}\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             shared_preload_libraries = ''\nmax_connections = 50\nshared_buffers = 32MB\n{extra_conf}\n",
+             shared_preload_libraries = ''\nmax_connections = 50\nshared_buffers = 32MB\n{own_conf}",
             dir.display()
         );
         append_conf(&data, &extra);
