@@ -796,7 +796,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         assert_eq!(
             m.registry().gather().len(),
-            17,
+            19,
             "every metric without a slot label is gathered from the start"
         );
         m.init_slot_series("outbox_relay", true, true);
