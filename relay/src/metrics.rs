@@ -163,6 +163,9 @@ label_enum! {
         /// A non-transactional `pg_logical_emit_message(false, <outbox prefix>, ..)`: it could
         /// be re-sent after a restart, so it is never relayed.
         NonTransactionalMessage => "non_transactional_message",
+        /// An outbox insert already published by the first start's backfill (its transaction
+        /// was visible in the backfill's snapshot).
+        Backfilled => "backfilled",
     }
 }
 
@@ -796,7 +799,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         assert_eq!(
             m.registry().gather().len(),
-            17,
+            19,
             "every metric without a slot label is gathered from the start"
         );
         m.init_slot_series("outbox_relay", true, true);
