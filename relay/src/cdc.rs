@@ -32,6 +32,18 @@
 //! stream, maps outbox rows and messages to records, and confirms to Postgres what the pipeline
 //! reports committed.
 //!
+//! ## First start
+//!
+//! A slot sees only what commits after it exists. On the first start (no checkpoint) the relay
+//! takes a snapshot after the slot exists (`pg_current_snapshot()`), records it in the
+//! checkpoint with the slot's position, and publishes every outbox row visible in it from the
+//! table, one Kafka transaction per few thousand rows, each checkpointing its cursor. Every
+//! transaction that committed before the slot's position is visible in that later snapshot, so
+//! nothing is missed; the stream, which starts at the slot's position, drops the inserts whose
+//! transaction is visible in the snapshot (they were published from the table), so nothing is
+//! published twice. A restart mid-backfill resumes from the cursor with the same snapshot (the
+//! query filters with `pg_visible_in_snapshot`, so no exported snapshot needs to survive).
+//!
 //! ## Liveness
 //!
 //! A heartbeat (`pg_logical_emit_message(true, <heartbeat_prefix>, <time>)`) is written on an
@@ -52,6 +64,7 @@ use crate::replication::conn::{
     SnapshotAction, StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
+use crate::replication::snapshot::Snapshot;
 use crate::replication::timeline;
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
@@ -86,6 +99,8 @@ pub struct CdcSettings {
     pub dlq_topic: String,
     pub shutdown_timeout: Duration,
     pub assembler: AssemblerConfig,
+    /// Publish the rows the outbox holds at the first start (see "First start").
+    pub initial_backfill: crate::config::InitialBackfill,
 }
 
 /// What went wrong, named after the situation.
@@ -195,7 +210,7 @@ pub async fn run(
     // Records Kafka refused for good in one session go to the DLQ in the next (see `Poison`).
     let poison = Poison::default();
     let (s, m, h, sd, p) = (&settings, &metrics, &health, &shutdown, &poison);
-    pl::run_sessions(RelayKind::Cdc, m, h, sd, move || {
+    pl::run_sessions(RelayKind::Cdc, &settings.slot, m, h, sd, move || {
         Box::pin(async move { Session::new(s, m, h, sd).run(p).await })
     })
     .await
@@ -289,6 +304,8 @@ struct OutboxLayout {
     headers: Option<usize>,
     /// The outbox `id` column, when the table has one (for the DLQ record's identity).
     id: Option<usize>,
+    /// The `txid` column (`xid8`), when the table has one (the backfill's overlap).
+    txid: Option<usize>,
 }
 
 struct Session<'a> {
@@ -306,6 +323,9 @@ struct Session<'a> {
     current: Option<WalTxn>,
     layout: Option<OutboxLayout>,
     dlq_topic: Arc<str>,
+    /// The first start's backfill snapshot: outbox inserts of transactions visible in it were
+    /// published from the table, and are dropped from the stream.
+    backfilled: Option<Snapshot>,
 }
 
 impl<'a> Session<'a> {
@@ -328,6 +348,7 @@ impl<'a> Session<'a> {
             current: None,
             layout: None,
             dlq_topic: s.dlq_topic.as_str().into(),
+            backfilled: None,
         }
     }
 
@@ -376,8 +397,16 @@ impl<'a> Session<'a> {
                 // fork): the next ones record this server's timeline.
                 pipe.committed_mut().system_id = self.system_id;
                 pipe.committed_mut().timeline = self.timeline;
-                self.stream(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
+                match self
+                    .backfill(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
                     .await
+                {
+                    Ok(()) => {
+                        self.stream(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -441,6 +470,151 @@ impl<'a> Session<'a> {
     /// slot's confirmed flush LSN, or `None` if the slot does not exist.
     async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Option<Lsn>, CdcError> {
         crate::slot_watch::preflight(sql, self.s).await
+    }
+
+    /// The first start's backfill (module docs, "First start"): on a first start (no
+    /// checkpoint), takes a snapshot, records it in the checkpoint with the slot's position,
+    /// and publishes every outbox row visible in it from the table, in `id` order, a few
+    /// thousand rows per Kafka transaction, each checkpointing its cursor; after a crash it
+    /// resumes from that cursor with the same snapshot. Streaming then drops the inserts whose
+    /// transaction is visible in the snapshot: they were published here.
+    async fn backfill(
+        &mut self,
+        sql: &mut ReplicationClient,
+        pipe: &mut Pipeline,
+        resumed: bool,
+        slot_confirmed: Lsn,
+    ) -> Result<(), CdcError> {
+        let s = self.s;
+        if !resumed {
+            if s.initial_backfill == crate::config::InitialBackfill::None {
+                tracing::info!("cdc.initial_backfill = none: rows the outbox held before the slot are not published");
+                return Ok(());
+            }
+            if self.s.columns != ColumnSet::Native {
+                tracing::warn!("the first start's backfill needs the native outbox schema (its txid column); rows the outbox held before the slot are not published");
+                return Ok(());
+            }
+            let snapshot =
+                crate::slot_watch::one_value(sql, "SELECT pg_current_snapshot()::text").await?;
+            let cp = pipe.committed_mut();
+            // The stream starts at the slot's position; the checkpoint says so from the first
+            // backfill transaction on, so that a restart mid-backfill resumes both.
+            cp.commit_lsn = slot_confirmed.0;
+            cp.end_lsn = slot_confirmed.0;
+            cp.backfill = Some(checkpoint::Backfill {
+                snapshot,
+                ..Default::default()
+            });
+        }
+        let Some(b) = pipe.committed().backfill.clone() else {
+            return Ok(());
+        };
+        let snap = Snapshot::parse(&b.snapshot).map_err(|e| {
+            CdcError::Unexpected(format!("the checkpoint's backfill snapshot: {e}"))
+        })?;
+        self.backfilled = Some(snap);
+        if b.done {
+            return Ok(());
+        }
+        tracing::info!(snapshot = %b.snapshot, from_id = b.cursor, rows_so_far = b.rows, "backfill: publishing the rows the outbox held at the first start");
+        let (mut cursor, mut rows) = (b.cursor, b.rows);
+        let limit = s.batch.max_events.max(1000);
+        let table = format!(
+            "{}.{}",
+            quote_ident(&s.table_schema),
+            quote_ident(&s.table_name)
+        );
+        loop {
+            let query = format!(
+                "SELECT id, txid::text, event_id::text, aggregate_type, aggregate_id, event_type, \
+                 payload::text, headers::text, (extract(epoch from created_at) * 1000000)::bigint \
+                 FROM {table} WHERE id > {cursor} \
+                 AND pg_visible_in_snapshot(txid, {}::pg_snapshot) ORDER BY id LIMIT {limit}",
+                quote_literal(&b.snapshot)
+            );
+            let found = sql.simple_query(&query).await?;
+            let done = found.len() < limit;
+            pipe.begin_unit();
+            for row in &found {
+                let cell = |i: usize| row.get(i).cloned().flatten();
+                let id = cell(0).and_then(|v| v.parse::<i64>().ok()).ok_or_else(|| {
+                    CdcError::Unexpected("backfill: an outbox row without an id".into())
+                })?;
+                let txid = cell(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let created = cell(8).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                let headers = match cell(7) {
+                    Some(h) => outbox::parse_headers(h.as_bytes()),
+                    None => Ok(Vec::new()),
+                };
+                let (mut record, kind) =
+                    match (cell(2), cell(3), cell(4), cell(5), cell(6), headers) {
+                        (
+                            Some(event_id),
+                            Some(aggregate_type),
+                            Some(aggregate_id),
+                            Some(event_type),
+                            Some(payload),
+                            Ok(headers),
+                        ) => {
+                            let event = Event {
+                                event_id,
+                                aggregate_type,
+                                aggregate_id: Bytes::from(aggregate_id),
+                                event_type,
+                                payload: Bytes::from(payload),
+                                headers,
+                                source: Source::Table { txid, id },
+                                commit_ts_us: created,
+                            };
+                            self.publish(event, EventKind::Row, Some(Bytes::from(id.to_string())))
+                        }
+                        (event_id, aggregate_type, aggregate_id, event_type, payload, headers) => {
+                            let why = match headers {
+                                Err(e) => e.to_string(),
+                                Ok(_) => "a required column is NULL".to_owned(),
+                            };
+                            let mut identity = vec![("id", Bytes::from(id.to_string()))];
+                            for (name, v) in [
+                                ("event_id", event_id),
+                                ("aggregate_type", aggregate_type),
+                                ("event_type", event_type),
+                            ] {
+                                if let Some(v) = v {
+                                    identity.push((name, Bytes::from(v)));
+                                }
+                            }
+                            let dlq = DlqRecord {
+                                reason: why,
+                                key: aggregate_id.map(Bytes::from).unwrap_or_default(),
+                                value: payload.map(Bytes::from).unwrap_or_default(),
+                                identity,
+                                ..DlqRecord::default()
+                            };
+                            (
+                                dlq.into_record(self.dlq_topic.clone(), "unmappable_row"),
+                                RecordKind::Dlq,
+                            )
+                        }
+                    };
+                // Marked, so consumers and operators can tell a backfilled record.
+                record
+                    .headers
+                    .push(("replay", Bytes::from_static(b"backfill")));
+                pipe.push(record, kind).await?;
+                cursor = id;
+                rows += 1;
+            }
+            pipe.end_unit(Position::Backfill { cursor, rows, done }, None)
+                .await?;
+            // One unit at a time: commit it (and its cursor) before reading on.
+            pipe.drain().await?;
+            if done {
+                break;
+            }
+        }
+        tracing::info!(rows, "backfill complete; streaming from the slot");
+        Ok(())
     }
 
     async fn stream(
@@ -736,6 +910,16 @@ impl<'a> Session<'a> {
                     xid,
                 };
                 let cols = &ins.new.columns;
+                if let (Some(snap), Some(i)) = (&self.backfilled, layout.txid) {
+                    let txid = text_column(cols, i).and_then(|t| t.parse::<u64>().ok());
+                    if txid.is_some_and(|t| snap.visible(t)) {
+                        // Published by the backfill already.
+                        self.metrics
+                            .ignored_changes(IgnoredChange::Backfilled)
+                            .inc();
+                        return Ok(None);
+                    }
+                }
                 let event = match row_event(layout, cols, source, commit_ts_us) {
                     Ok(event) => event,
                     Err(why) => {
@@ -823,8 +1007,13 @@ impl<'a> Session<'a> {
                 if let Some(id) = outbox_id {
                     identity.push(("id", id));
                 }
-                if let Source::Wal { lsn, xid } = event.source {
-                    identity.extend(self.source_identity(Lsn(lsn), xid));
+                match event.source {
+                    Source::Wal { lsn, xid } => {
+                        identity.extend(self.source_identity(Lsn(lsn), xid));
+                    }
+                    Source::Table { txid, .. } => {
+                        identity.push(("txid", Bytes::from(txid.to_string())));
+                    }
                 }
                 let dlq = DlqRecord {
                     reason: why.to_string(),
@@ -950,6 +1139,7 @@ impl<'a> Session<'a> {
                 ColumnSet::Native => relation.column_index("id"),
                 ColumnSet::Debezium => None,
             },
+            txid: relation.column_index("txid"),
         };
         self.layout = Some(layout);
         Ok(())
@@ -1093,6 +1283,7 @@ impl CdcSettings {
             shutdown_timeout: cfg.shutdown.timeout,
             // Streamed (protocol 2) transactions are buffered until they commit; past the
             // budget the largest is spilled to a temporary file, so memory stays bounded.
+            initial_backfill: cfg.cdc.initial_backfill,
             assembler: AssemblerConfig {
                 memory_budget: cfg.cdc.stream_memory_budget,
                 spill_dir: cfg.cdc.spill_dir.clone(),

@@ -370,6 +370,20 @@ pub struct CdcConfig {
     pub stream_memory_budget: usize,
     /// Directory of those spill files; the system's temporary directory when unset.
     pub spill_dir: Option<PathBuf>,
+    /// On the first start (no checkpoint yet), publish the outbox rows that already exist
+    /// (`all`), or only what commits after the slot (`none`). A slot sees only what commits
+    /// after it was created; without the backfill, rows written before are never relayed.
+    pub initial_backfill: InitialBackfill,
+}
+
+/// `cdc.initial_backfill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitialBackfill {
+    /// Every row of the outbox table as of the first start.
+    #[default]
+    All,
+    /// None: only what commits after the slot exists.
+    None,
 }
 
 impl Default for CdcConfig {
@@ -385,6 +399,7 @@ impl Default for CdcConfig {
             proto_version: 1,
             stream_memory_budget: 16 << 20,
             spill_dir: None,
+            initial_backfill: InitialBackfill::All,
         }
     }
 }
@@ -435,6 +450,7 @@ macro_rules! string_enum {
 }
 
 string_enum!(ColumnSet, ColumnSet::Native => "native", ColumnSet::Debezium => "debezium");
+string_enum!(InitialBackfill, InitialBackfill::All => "all", InitialBackfill::None => "none");
 
 /// `[outbox]`
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -163,6 +163,9 @@ label_enum! {
         /// A non-transactional `pg_logical_emit_message(false, <outbox prefix>, ..)`: it could
         /// be re-sent after a restart, so it is never relayed.
         NonTransactionalMessage => "non_transactional_message",
+        /// An outbox insert already published by the first start's backfill (its transaction
+        /// was visible in the backfill's snapshot).
+        Backfilled => "backfilled",
     }
 }
 

@@ -59,6 +59,9 @@ pub enum Position {
     Wal { commit_lsn: Lsn, end_lsn: Lsn },
     /// Polling: the cursor `(txid, id)` of the last delivered row.
     Table { txid: u64, id: i64 },
+    /// CDC's first-start backfill: the last outbox `id` published from the table, rows so far,
+    /// and whether it is complete (the checkpoint's `backfill` record must exist).
+    Backfill { cursor: i64, rows: u64, done: bool },
 }
 
 impl Position {
@@ -74,6 +77,13 @@ impl Position {
             Position::Table { txid, id } => {
                 cp.poll_txid = Some(txid);
                 cp.poll_id = Some(id);
+            }
+            Position::Backfill { cursor, rows, done } => {
+                if let Some(b) = cp.backfill.as_mut() {
+                    b.cursor = cursor;
+                    b.rows = rows;
+                    b.done = done;
+                }
             }
         }
     }
@@ -603,6 +613,8 @@ impl Backoff {
 /// checkpoint; consecutive failures are exported as `relay_consecutive_failures`.
 pub async fn run_sessions<'a, E: SessionError>(
     kind: RelayKind,
+    // Names the instance in the log lines (the slot, for CDC).
+    name: &str,
     metrics: &Metrics,
     health: &Health,
     shutdown: &Shutdown,
@@ -633,6 +645,7 @@ pub async fn run_sessions<'a, E: SessionError>(
                 let sleep = backoff.next(started.elapsed());
                 tracing::warn!(
                     relay = kind.as_str(),
+                    name,
                     error = %e,
                     consecutive_failures = failures,
                     backoff_ms = sleep.as_millis() as u64,
@@ -646,7 +659,7 @@ pub async fn run_sessions<'a, E: SessionError>(
             Err(e) => {
                 failures += 1;
                 consecutive.set(failures as i64);
-                tracing::error!(relay = kind.as_str(), error = %e, "relay stopped: operator action needed");
+                tracing::error!(relay = kind.as_str(), name, error = %e, "relay stopped: operator action needed");
                 health.set_healthy(false);
                 return Err(e);
             }

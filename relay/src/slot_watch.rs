@@ -719,7 +719,10 @@ pub fn invalidation_error(slot: &str, wal_status: &str, reason: Option<&str>) ->
     }
 }
 
-async fn one_value(sql: &mut ReplicationClient, query: &str) -> Result<String, CdcError> {
+pub(crate) async fn one_value(
+    sql: &mut ReplicationClient,
+    query: &str,
+) -> Result<String, CdcError> {
     let rows = sql.simple_query(query).await?;
     first_cell(&rows).ok_or_else(|| CdcError::Unexpected(format!("{query} returned no value")))
 }

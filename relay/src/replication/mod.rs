@@ -18,6 +18,7 @@ pub mod assembler;
 pub mod conn;
 pub mod lsn;
 pub mod pgoutput;
+pub mod snapshot;
 pub mod timeline;
 
 pub use lsn::Lsn;
