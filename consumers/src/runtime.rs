@@ -168,6 +168,12 @@ impl<H: Handler> Runtime<H> {
                 "enable.auto.offset.store",
                 if manual { "false" } else { "true" },
             )
+            // Naive mode commits what was polled on the same schedule the hardened mode
+            // commits what finished, so a drill compares like with like.
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval.as_millis().max(1).to_string(),
+            )
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "1000");
         if let Some(id) = &cfg.instance_id {
@@ -321,7 +327,15 @@ impl<H: Handler> PollContext<H> {
     }
 
     fn spawn_worker(&self, topic: &str, partition: i32) -> WorkerHandle {
-        let cap = self.processor.config.queue_per_partition.max(1);
+        let cfg = &self.processor.config;
+        // With auto-commit (naive mode) a queued record's offset is committed before it is
+        // processed; a queue of one keeps that window to the classic poll-then-process loop's,
+        // instead of letting the queue turn every crash into hundreds of lost records.
+        let cap = if cfg.defences.offsets_after_effect {
+            cfg.queue_per_partition.max(1)
+        } else {
+            1
+        };
         let (tx, rx) = mpsc::channel(cap);
         let cancel = Arc::new(AtomicBool::new(false));
         let join = self.rt.spawn(worker(

@@ -6,4 +6,6 @@
 
 mod dedup;
 mod dlq;
+mod gateway;
+mod payment_drill;
 mod support;

@@ -10,6 +10,7 @@ pub mod kafka;
 #[path = "../../../relay/tests/support/pg.rs"]
 pub mod pg;
 
+pub mod gateway;
 pub mod offsets;
 pub mod orders;
 pub mod procs;
