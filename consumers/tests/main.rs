@@ -4,6 +4,7 @@
 //! database, topics and consumer groups, so they run in parallel. Events are written to Kafka
 //! directly with the relay's envelope (`support::produce`), so no relay needs to run.
 
+mod accounts;
 mod dedup;
 mod dlq;
 mod gateway;
