@@ -7,6 +7,7 @@
 mod accounts;
 mod dedup;
 mod dlq;
+mod downstreams;
 mod gateway;
 mod payment_drill;
 mod support;
