@@ -327,8 +327,8 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         .context("payment gateway")
 }
 
-fn ms_to_rfc3339ish(ms: i64) -> String {
-    // Seconds and milliseconds since the epoch; exact and unambiguous without a date library.
+fn epoch_seconds(ms: i64) -> String {
+    // Seconds since the epoch, to the millisecond: exact and unambiguous without a date library.
     format!("{}.{:03}", ms.div_euclid(1000), ms.rem_euclid(1000))
 }
 
@@ -350,7 +350,7 @@ async fn dlq_command(c: DlqCommand) -> anyhow::Result<()> {
                     e.original_topic,
                     e.original_partition,
                     e.original_offset,
-                    ms_to_rfc3339ish(e.last_failure_ms)
+                    epoch_seconds(e.last_failure_ms)
                 );
             }
             eprintln!("{} record(s)", entries.len());

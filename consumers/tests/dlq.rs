@@ -288,6 +288,32 @@ async fn redrive_after_the_fix_applies_each_dead_lettered_record_exactly_once() 
         1 + 5,
         "header and five records:\n{listed}"
     );
+    let show = std::process::Command::new(procs::bin())
+        .args([
+            "dlq",
+            "show",
+            "--bootstrap",
+            &bootstrap,
+            "--topic",
+            &dlq_topic,
+        ])
+        .arg(dead[0].record.offset.to_string())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    for line in [
+        format!("event_id: {}", dead[0].event_id()),
+        "dlq.error.kind: test_poison".to_owned(),
+        "dlq.attempts: 1".to_owned(),
+        format!("dlq.original.topic: {topic}"),
+    ] {
+        assert!(shown.contains(&line), "{line:?} in:\n{shown}");
+    }
+    assert!(
+        !shown.contains("\"seq\""),
+        "no payload unless asked:\n{shown}"
+    );
     println!(
         "redrive: 5 dead-lettered, redriven twice: 5 applied once each, 5 dedup hits on the repeat"
     );

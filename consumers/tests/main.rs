@@ -10,4 +10,5 @@ mod dlq;
 mod downstreams;
 mod gateway;
 mod payment_drill;
+mod rebalance;
 mod support;
