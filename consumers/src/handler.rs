@@ -37,6 +37,9 @@ impl ErrorClass {
     }
 }
 
+/// The error kind of a database that cannot be reached (see [`HandlerError::db`]).
+pub const DB_UNAVAILABLE: &str = "db_unavailable";
+
 /// A record could not take effect.
 ///
 /// `kind` is a short, fixed identifier chosen by the code (`gateway_timeout`, `bad_payload`,
@@ -71,18 +74,19 @@ impl HandlerError {
     /// resource shortages and operator intervention are retryable; any other SQL error (a
     /// constraint the data violates, a type error) is permanent, because it would fail the same
     /// way every time.
+    ///
+    /// A connection that cannot be made or was lost is [`DB_UNAVAILABLE`]: the runtime retries
+    /// it without spending the retry budget, so an outage does not fill the DLQ.
     pub fn db(e: tokio_postgres::Error) -> HandlerError {
-        let retryable = match e.code() {
-            // No SQLSTATE: the connection failed or closed.
-            None => true,
-            Some(code) => {
-                let c = code.code();
-                c.starts_with("08") // connection exception
-                    || c.starts_with("40") // transaction rollback: serialization, deadlock
+        let code = e.code().map(|c| c.code().to_owned());
+        // No SQLSTATE: the connection failed or closed; class 08: connection exception.
+        let unavailable = code.as_deref().is_none_or(|c| c.starts_with("08"));
+        let retryable = unavailable
+            || code.as_deref().is_some_and(|c| {
+                c.starts_with("40") // transaction rollback: serialization, deadlock
                     || c.starts_with("53") // insufficient resources
                     || c.starts_with("57") // operator intervention (admin shutdown, cancel)
-            }
-        };
+            });
         let message = match e.as_db_error() {
             Some(db) => format!("{}: {}", db.code().code(), db.message()),
             None => e.to_string(),
@@ -93,7 +97,7 @@ impl HandlerError {
             } else {
                 ErrorClass::Permanent
             },
-            kind: "db",
+            kind: if unavailable { DB_UNAVAILABLE } else { "db" },
             message,
         }
     }

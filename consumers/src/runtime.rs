@@ -57,7 +57,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::RuntimeConfig;
 use crate::dlq::{DlqError, DlqWriter, Failure};
 use crate::fault::FaultPoint;
-use crate::handler::{Effect, Handler, HandlerError};
+use crate::handler::{Effect, Handler, HandlerError, DB_UNAVAILABLE};
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::store;
@@ -78,6 +78,8 @@ pub enum RuntimeError {
     ReservedOption(String),
     #[error("the poll thread ended abnormally")]
     PollThread,
+    #[error("a partition worker ended unexpectedly (a handler panicked); the consumer stopped at its last committed offsets")]
+    WorkerDied,
 }
 
 /// Options the runtime sets itself; setting them through `RuntimeConfig::kafka` is an error.
@@ -156,6 +158,7 @@ impl<H: Handler> Runtime<H> {
                 workers: HashMap::new(),
                 done_rx,
             }),
+            worker_died: AtomicBool::new(false),
         };
         let manual = cfg.defences.offsets_after_effect;
         let mut cc = ClientConfig::new();
@@ -199,11 +202,16 @@ impl<H: Handler> Runtime<H> {
             .name(format!("poll-{}", cfg.consumer))
             .spawn(move || {
                 poll_loop(&consumer, &shutdown, commit_interval, manual);
+                let died = consumer.context().worker_died.load(Ordering::SeqCst);
                 drop(consumer);
-                let _ = end_tx.send(());
+                let _ = end_tx.send(died);
             })
             .map_err(|_| RuntimeError::PollThread)?;
-        end_rx.await.map_err(|_| RuntimeError::PollThread)
+        match end_rx.await {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(RuntimeError::WorkerDied),
+            Err(_) => Err(RuntimeError::PollThread),
+        }
     }
 }
 
@@ -247,6 +255,7 @@ fn poll_loop<H: Handler>(
                 last_commit = Instant::now();
             }
         }
+        ctx.check_workers();
         match consumer.poll(Duration::from_millis(50)) {
             None => {}
             Some(Ok(m)) => {
@@ -295,6 +304,8 @@ struct PollContext<H: Handler> {
     rt: tokio::runtime::Handle,
     done_tx: std_mpsc::Sender<Done>,
     state: Mutex<PollState>,
+    /// Set when a worker ended without being told to.
+    worker_died: AtomicBool,
 }
 
 impl<H: Handler> PollContext<H> {
@@ -320,9 +331,30 @@ impl<H: Handler> PollContext<H> {
             polled_at: Instant::now(),
         };
         if tx.blocking_send(queued).is_err() {
-            // The worker ended (it stops only when told to, or on shutdown): nothing to do; the
-            // record is redelivered from the committed offset to the next owner.
-            tracing::debug!("record for a stopped worker dropped");
+            self.check_workers();
+        }
+    }
+
+    /// Stops the consumer if a worker ended without being told to. A worker ends on its own
+    /// only if its handler panicked, in the middle of a record whose offset was never stored:
+    /// going on would store later offsets past it and lose it, while stopping leaves the
+    /// partition at its last committed offset.
+    fn check_workers(&self) {
+        // A worker also ends early when it abandons a backoff for shutdown: not a death.
+        if self.processor.shutdown.is_triggered() {
+            return;
+        }
+        let died = self
+            .state()
+            .workers
+            .values()
+            .any(|w| w.join.is_finished() && !w.cancel.load(Ordering::SeqCst));
+        if died && !self.worker_died.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                "a partition worker ended unexpectedly (did a handler panic?); stopping the \
+                 consumer so that the partition resumes from its last committed offset"
+            );
+            self.processor.shutdown.trigger();
         }
     }
 
@@ -527,7 +559,7 @@ impl<H: Handler> Processor<H> {
             *db = Some(client);
         }
         db.as_mut()
-            .ok_or_else(|| HandlerError::retryable("db", "no database connection"))
+            .ok_or_else(|| HandlerError::retryable(DB_UNAVAILABLE, "no database connection"))
     }
 
     /// One attempt at one record: BEGIN, dedup row, version guard, effect, COMMIT.
@@ -608,8 +640,12 @@ impl<H: Handler> Processor<H> {
                         error = %error,
                         "attempt failed"
                     );
-                    let budget_left =
-                        !cfg.defences.retry_budget || attempts < cfg.retry.max_attempts;
+                    // The database being unreachable is not the record's fault: it would send
+                    // every record of an outage to the DLQ. Such attempts do not spend the
+                    // budget; the partition waits (as every partition does) for the database.
+                    let budget_left = !cfg.defences.retry_budget
+                        || attempts < cfg.retry.max_attempts
+                        || error.kind == DB_UNAVAILABLE;
                     if error.is_retryable() && budget_left {
                         if !self.pause(cfg.retry.backoff(attempts), cancel).await {
                             return false;

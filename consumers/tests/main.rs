@@ -8,6 +8,7 @@ mod accounts;
 mod dedup;
 mod dlq;
 mod downstreams;
+mod failures;
 mod gateway;
 mod payment_drill;
 mod rebalance;

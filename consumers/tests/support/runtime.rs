@@ -47,6 +47,12 @@ impl Running {
         }
     }
 
+    /// Waits for the runtime to end on its own (without a shutdown request) and returns how.
+    pub async fn ended(mut self) -> Result<(), consumers::RuntimeError> {
+        let t = self.task.take().expect("not yet joined");
+        t.await.expect("runtime task")
+    }
+
     /// Waits until the group has committed everything `topic` holds.
     pub async fn drain(&self, topic: &str, limit: Duration) {
         let group = self.group.clone();
