@@ -159,6 +159,7 @@ impl<H: Handler> Runtime<H> {
                 done_rx,
             }),
             worker_died: AtomicBool::new(false),
+            commit_failed: AtomicBool::new(false),
         };
         let manual = cfg.defences.offsets_after_effect;
         let mut cc = ClientConfig::new();
@@ -249,6 +250,7 @@ fn poll_loop<H: Handler>(
     while !shutdown.is_triggered() {
         if manual {
             uncommitted |= ctx.flush_done(consumer);
+            uncommitted |= ctx.commit_failed.swap(false, Ordering::SeqCst);
             if uncommitted && last_commit.elapsed() >= commit_interval {
                 commit(consumer, CommitMode::Async);
                 uncommitted = false;
@@ -306,6 +308,9 @@ struct PollContext<H: Handler> {
     state: Mutex<PollState>,
     /// Set when a worker ended without being told to.
     worker_died: AtomicBool,
+    /// Set when an asynchronous offset commit failed, so the next loop commits again even if
+    /// no record finished since.
+    commit_failed: AtomicBool,
 }
 
 impl<H: Handler> PollContext<H> {
@@ -487,7 +492,10 @@ impl<H: Handler> ConsumerContext for PollContext<H> {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; committing again");
+                self.commit_failed.store(true, Ordering::SeqCst);
+            }
         }
     }
 }
