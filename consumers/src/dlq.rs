@@ -484,6 +484,42 @@ mod tests {
         assert!(DlqEntry::parse(record()).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever bytes a DLQ record carries, reading its context never panics.
+        #[test]
+        fn any_record_parses_or_is_refused(
+            headers in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "event_id", "event_type", "dlq.attempts", "dlq.original.topic",
+                        "dlq.original.partition", "dlq.original.offset", "dlq.first_failure_ms",
+                        "dlq.error.message", "other",
+                    ]),
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+                ),
+                0..12,
+            ),
+            payload in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
+        ) {
+            let r = Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                key: None,
+                payload,
+                headers: headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                timestamp_ms: None,
+            };
+            let _ = r.event_id();
+            let _ = r.json::<serde_json::Value>();
+            let _ = r.json::<crate::downstream::OrderPlaced>();
+            let _ = r.json::<crate::downstream::AccountEvent>();
+            if let Ok(e) = DlqEntry::parse(r) {
+                let _ = e.event_id();
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn token_bucket_paces_to_its_rate() {
         let mut b = TokenBucket::new(10.0, 1);
