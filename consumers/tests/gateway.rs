@@ -8,6 +8,7 @@ use consumers::gateway::{Charge, ChargeRequest, GatewayFaults, RequestLogEntry, 
 
 use crate::support::gateway::Gateway;
 use crate::support::pg::TestDb;
+use crate::support::procs::Proc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_idempotency_key_returns_the_original_charge() {
@@ -115,4 +116,51 @@ async fn injected_timeout_charges_but_answers_too_late_and_failures_charge_nothi
         (1, 1),
         "the 503 charged nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_as_its_own_process_and_keeps_its_ledger_across_restarts() {
+    let db = TestDb::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let args: Vec<String> = ["gateway", "--listen", &listen, "--database-url", &db.url()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let log = std::env::temp_dir().join(crate::support::unique_name("gateway_log"));
+    let c = GatewayClient::new(&format!("http://{listen}"), Duration::from_secs(5));
+    let req = ChargeRequest {
+        order_id: "o-1".into(),
+        amount_cents: 700,
+    };
+    let mut first = None;
+    for life in 0..2 {
+        let gw = Proc::spawn(&args, &[], &log);
+        let charge =
+            crate::support::wait_for("the gateway answers", Duration::from_secs(30), || {
+                let (c, req) = (c.clone(), req.clone());
+                async move { c.charge(&req, Some("order-o-1")).await.ok() }
+            })
+            .await;
+        // The second process answers from the ledger the first one wrote.
+        let original = first.get_or_insert_with(|| charge.clone());
+        assert_eq!(charge.charge_id, original.charge_id, "life {life}");
+        assert_eq!(charge.replayed, life == 1, "life {life}");
+        assert!(gw.stop().success(), "the gateway stops cleanly on SIGTERM");
+    }
+    let s: Summary = {
+        let gw = Proc::spawn(&args, &[], &log);
+        let s = crate::support::wait_for("summary", Duration::from_secs(30), || {
+            let c = c.clone();
+            async move { c.summary().await.ok() }
+        })
+        .await;
+        gw.stop();
+        s
+    };
+    assert_eq!((s.requests, s.charges, s.replayed_requests), (2, 1, 1));
 }
