@@ -23,11 +23,7 @@ async fn a_crash_between_db_commit_and_offset_commit_is_absorbed_by_the_dedup_ro
     let dir = std::env::temp_dir().join(unique_name("dedup"));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("consumer.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let args: Vec<String> = [
         "run",

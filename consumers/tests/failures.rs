@@ -43,11 +43,7 @@ async fn a_database_outage_is_retried_without_spending_the_budget() {
     create_topic(&topic, 1).await;
     produce::send(&topic, &events(3)).await;
     // Nothing listens on this port: every connection attempt fails.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/none");
     let group = unique_name("g");
     let mut cfg = runtime::config(&group, &[&topic], &url);

@@ -121,11 +121,7 @@ async fn injected_timeout_charges_but_answers_too_late_and_failures_charge_nothi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_runs_as_its_own_process_and_keeps_its_ledger_across_restarts() {
     let db = TestDb::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let listen = format!("127.0.0.1:{port}");
     let args: Vec<String> = ["gateway", "--listen", &listen, "--database-url", &db.url()]
         .iter()
