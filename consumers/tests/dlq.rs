@@ -47,16 +47,19 @@ async fn effects_db() -> TestDb {
     let db = TestDb::create().await;
     db.client()
         .await
-        .batch_execute("CREATE TABLE test_effects (event_id uuid NOT NULL, seq bigint NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE test_effects (n bigserial, event_id uuid NOT NULL, seq bigint NOT NULL)",
+        )
         .await
         .unwrap();
     db
 }
 
+/// The effects in the order they were applied (`n` is assigned at insert).
 async fn effects(db: &TestDb) -> Vec<(uuid::Uuid, i64)> {
     db.client()
         .await
-        .query("SELECT event_id, seq FROM test_effects ORDER BY seq", &[])
+        .query("SELECT event_id, seq FROM test_effects ORDER BY n", &[])
         .await
         .unwrap()
         .iter()

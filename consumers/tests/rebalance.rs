@@ -23,8 +23,13 @@ impl Handler for Slow {
         tokio::time::sleep(Duration::from_millis(8)).await;
         cx.tx
             .execute(
-                "INSERT INTO test_effects (event_id, consumer) VALUES ($1, $2)",
-                &[&r.event_id()?, &cx.consumer],
+                "INSERT INTO test_effects (event_id, key, seq, consumer) VALUES ($1, $2, $3, $4)",
+                &[
+                    &r.event_id()?,
+                    &r.key_str().unwrap_or_default(),
+                    &r.json::<serde_json::Value>()?["seq"].as_i64().unwrap_or(-1),
+                    &cx.consumer,
+                ],
             )
             .await?;
         Ok(())
@@ -45,7 +50,10 @@ async fn a_rebalance_mid_stream_commits_finished_work_only_and_all_of_it() {
     let db = TestDb::create().await;
     db.client()
         .await
-        .batch_execute("CREATE TABLE test_effects (event_id uuid NOT NULL, consumer text NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE test_effects (n bigserial, event_id uuid NOT NULL, key text NOT NULL, \
+             seq bigint NOT NULL, consumer text NOT NULL)",
+        )
         .await
         .unwrap();
     let topic = unique_name("rebalance");
@@ -110,6 +118,20 @@ async fn a_rebalance_mid_stream_commits_finished_work_only_and_all_of_it() {
         "every record once"
     );
     assert_eq!(pa + pb, RECORDS as u64);
+    // Within each key, records took effect in the order they were written, across both
+    // rebalances (a key's records were produced with increasing seq).
+    let rows = db
+        .client()
+        .await
+        .query("SELECT key, seq FROM test_effects ORDER BY n", &[])
+        .await
+        .unwrap();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for r in rows {
+        let (key, seq): (String, i64) = (r.get(0), r.get(1));
+        let prev = last.insert(key.clone(), seq).unwrap_or(-1);
+        assert!(seq > prev, "key {key}: seq {seq} applied after {prev}");
+    }
     assert!(pa > 0 && pb > 0, "both members did work");
     // Revoke waited for the records in progress and committed them: nothing that took effect
     // came back to the next owner.
