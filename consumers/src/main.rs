@@ -42,7 +42,8 @@ enum Command {
     },
     /// Apply the project's migrations (the same as `relay migrate`).
     Migrate {
-        #[arg(long, env = "CONSUMER_DATABASE_URL")]
+        // The URL may hold a password: --help must not print the variable's value.
+        #[arg(long, env = "CONSUMER_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
 }
@@ -54,7 +55,8 @@ struct RunArgs {
     downstream: Downstream,
     #[arg(long, env = "CONSUMER_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     bootstrap: String,
-    #[arg(long, env = "CONSUMER_DATABASE_URL")]
+    // The URL may hold a password: --help must not print the variable's value.
+    #[arg(long, env = "CONSUMER_DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// Topics to consume (default: the downstream's topic under the relay's default template).
     #[arg(long, env = "CONSUMER_TOPICS", value_delimiter = ',')]
@@ -115,7 +117,7 @@ struct GatewayArgs {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8089")]
     listen: SocketAddr,
     /// Where the request log and ledger are kept (schema payment_gateway).
-    #[arg(long, env = "GATEWAY_DATABASE_URL")]
+    #[arg(long, env = "GATEWAY_DATABASE_URL", hide_env_values = true)]
     database_url: String,
     #[arg(long, env = "GATEWAY_LATENCY_MIN_MS", default_value_t = 0)]
     latency_min_ms: u64,
