@@ -101,6 +101,8 @@ pub struct CdcSettings {
     pub assembler: AssemblerConfig,
     /// Publish the rows the outbox holds at the first start (see "First start").
     pub initial_backfill: crate::config::InitialBackfill,
+    /// Recover a lost or dropped slot from the table (see "Lost slot").
+    pub recover_lost_slot: bool,
 }
 
 /// What went wrong, named after the situation.
@@ -326,6 +328,9 @@ struct Session<'a> {
     /// The first start's backfill snapshot: outbox inserts of transactions visible in it were
     /// published from the table, and are dropped from the stream.
     backfilled: Option<Snapshot>,
+    /// The slot was lost and has been re-created: the table backfill recovers the gap, minus
+    /// what the checkpoint's delivered snapshot (if any) proves delivered.
+    recovering: Option<Option<String>>,
 }
 
 impl<'a> Session<'a> {
@@ -349,6 +354,7 @@ impl<'a> Session<'a> {
             layout: None,
             dlq_topic: s.dlq_topic.as_str().into(),
             backfilled: None,
+            recovering: None,
         }
     }
 
@@ -365,7 +371,21 @@ impl<'a> Session<'a> {
         self.system_id = ident.system_id;
         self.timeline = ident.timeline;
         self.history = timeline::server_history(&mut sql, self.timeline).await?;
-        let slot = self.preflight(&mut sql).await?;
+        let slot = match self.preflight(&mut sql).await {
+            Err(e @ (CdcError::SlotLost(_) | CdcError::SlotInvalidated { .. }))
+                if s.recover_lost_slot =>
+            {
+                // The invalidated slot can never stream again: drop it, and recover below.
+                tracing::warn!(slot = %s.slot, error = %e, "recovering the lost slot: dropping it");
+                sql.simple_query(&format!(
+                    "SELECT pg_drop_replication_slot({})",
+                    quote_literal(&s.slot)
+                ))
+                .await?;
+                None
+            }
+            other => other?,
+        };
 
         let key = checkpoint::cdc_key(&s.slot);
         let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
@@ -451,6 +471,20 @@ impl<'a> Session<'a> {
                 checkpoint: cp.end_lsn(),
             }),
             (Some(confirmed), _) => Ok(confirmed),
+            (None, Some(cp)) if s.recover_lost_slot => {
+                let created = sql
+                    .create_logical_slot(&s.slot, "pgoutput", false, SnapshotAction::NoExport)
+                    .await?;
+                tracing::warn!(
+                    slot = %s.slot,
+                    checkpoint = %cp.end_lsn(),
+                    new_slot = %created.consistent_point,
+                    delivered_snapshot = cp.delivered_snapshot.as_deref().unwrap_or("none"),
+                    "lost slot recovery: created a new slot; the outbox rows the checkpoint does not prove delivered are published from the table. WAL-only events (pg_logical_emit_message) committed between the checkpoint and the new slot cannot be recovered"
+                );
+                self.recovering = Some(cp.delivered_snapshot.clone());
+                Ok(created.consistent_point)
+            }
             (None, Some(cp)) => Err(CdcError::SlotDropped {
                 slot: s.slot.clone(),
                 checkpoint: cp.end_lsn(),
@@ -486,7 +520,26 @@ impl<'a> Session<'a> {
         slot_confirmed: Lsn,
     ) -> Result<(), CdcError> {
         let s = self.s;
-        if !resumed {
+        if let Some(delivered) = self.recovering.take() {
+            if self.s.columns != ColumnSet::Native {
+                tracing::warn!("lost-slot recovery needs the native outbox schema (its txid column); the rows of the gap are not published: re-publish them by hand (RUNBOOK, 'Lost slot')");
+                return Ok(());
+            }
+            if delivered.is_none() {
+                tracing::warn!("the checkpoint records no delivered snapshot (heartbeats off, or written by an older relay): every row of the outbox table is published again; consumers deduplicate on event_id");
+            }
+            let snapshot =
+                crate::slot_watch::one_value(sql, "SELECT pg_current_snapshot()::text").await?;
+            let cp = pipe.committed_mut();
+            cp.commit_lsn = slot_confirmed.0;
+            cp.end_lsn = slot_confirmed.0;
+            cp.backfill = Some(checkpoint::Backfill {
+                snapshot,
+                delivered,
+                recovery: true,
+                ..Default::default()
+            });
+        } else if !resumed {
             if s.initial_backfill == crate::config::InitialBackfill::None {
                 tracing::info!("cdc.initial_backfill = none: rows the outbox held before the slot are not published");
                 return Ok(());
@@ -520,6 +573,20 @@ impl<'a> Session<'a> {
         tracing::info!(snapshot = %b.snapshot, from_id = b.cursor, rows_so_far = b.rows, "backfill: publishing the rows the outbox held at the first start");
         let (mut cursor, mut rows) = (b.cursor, b.rows);
         let limit = s.batch.max_events.max(1000);
+        // Recovery: not the rows the lost slot had delivered (their transactions are visible in
+        // the checkpoint's delivered snapshot).
+        let not_delivered = match &b.delivered {
+            Some(d) => format!(
+                " AND NOT pg_visible_in_snapshot(txid, {}::pg_snapshot)",
+                quote_literal(d)
+            ),
+            None => String::new(),
+        };
+        let mark: &'static [u8] = if b.recovery {
+            b"recovered"
+        } else {
+            b"backfill"
+        };
         let table = format!(
             "{}.{}",
             quote_ident(&s.table_schema),
@@ -530,7 +597,7 @@ impl<'a> Session<'a> {
                 "SELECT id, txid::text, event_id::text, aggregate_type, aggregate_id, event_type, \
                  payload::text, headers::text, (extract(epoch from created_at) * 1000000)::bigint \
                  FROM {table} WHERE id > {cursor} \
-                 AND pg_visible_in_snapshot(txid, {}::pg_snapshot) ORDER BY id LIMIT {limit}",
+                 AND pg_visible_in_snapshot(txid, {}::pg_snapshot){not_delivered} ORDER BY id LIMIT {limit}",
                 quote_literal(&b.snapshot)
             );
             let found = sql.simple_query(&query).await?;
@@ -598,9 +665,7 @@ impl<'a> Session<'a> {
                         }
                     };
                 // Marked, so consumers and operators can tell a backfilled record.
-                record
-                    .headers
-                    .push(("replay", Bytes::from_static(b"backfill")));
+                record.headers.push(("replay", Bytes::from_static(mark)));
                 pipe.push(record, kind).await?;
                 cursor = id;
                 rows += 1;
@@ -749,8 +814,11 @@ impl<'a> Session<'a> {
                 // 6. Heartbeat.
                 _ = heartbeat_tick.tick(), if s.heartbeat_interval.is_some() => {
                     let now = pl::unix_micros(SystemTime::now());
+                    // The snapshot is taken before the message's transaction commits: every
+                    // transaction it sees is in WAL before the heartbeat (see
+                    // `Checkpoint::delivered_snapshot`).
                     let query = format!(
-                        "SELECT pg_logical_emit_message(true, {}, '{now}')",
+                        "SELECT pg_logical_emit_message(true, {}, '{now}:' || pg_current_snapshot()::text)",
                         quote_literal(&s.heartbeat_prefix)
                     );
                     // Bounded: a Postgres that stops answering must end the session (and be
@@ -943,11 +1011,15 @@ impl<'a> Session<'a> {
             }
             Change::Message(m) => {
                 if m.prefix == self.s.heartbeat_prefix {
-                    if let Some(sent) = std::str::from_utf8(&m.content)
-                        .ok()
-                        .and_then(|t| t.parse::<i64>().ok())
-                    {
-                        pipe.heartbeat(sent);
+                    // `<µs since the epoch>:<pg_current_snapshot()>` (older relays wrote the
+                    // time alone).
+                    let text = std::str::from_utf8(&m.content).unwrap_or_default();
+                    let (sent, snapshot) = match text.split_once(':') {
+                        Some((t, snap)) => (t, Snapshot::parse(snap).ok().map(|_| snap.to_owned())),
+                        None => (text, None),
+                    };
+                    if let Ok(sent) = sent.parse::<i64>() {
+                        pipe.heartbeat(sent, snapshot);
                     }
                     return Ok(None);
                 }
@@ -1284,6 +1356,7 @@ impl CdcSettings {
             // Streamed (protocol 2) transactions are buffered until they commit; past the
             // budget the largest is spilled to a temporary file, so memory stays bounded.
             initial_backfill: cfg.cdc.initial_backfill,
+            recover_lost_slot: cfg.cdc.recover_lost_slot,
             assembler: AssemblerConfig {
                 memory_budget: cfg.cdc.stream_memory_budget,
                 spill_dir: cfg.cdc.spill_dir.clone(),

@@ -46,6 +46,12 @@ pub struct Checkpoint {
     /// table (see `cdc` module docs, "First start"), and how far that has got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<Backfill>,
+    /// CDC: a `pg_snapshot` (text) every transaction visible in which is delivered: the
+    /// snapshot a heartbeat took, recorded once the heartbeat's WAL transaction is in Kafka
+    /// (a transaction visible to it committed before it, so before this checkpoint's
+    /// position). A lost slot is recovered from the table with it (RUNBOOK, 'Lost slot').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_snapshot: Option<String>,
     /// Events delivered by this relay since its first checkpoint (for operators).
     #[serde(default)]
     pub events_total: u64,
@@ -68,6 +74,13 @@ pub struct Backfill {
     /// Rows published by the backfill.
     #[serde(default)]
     pub rows: u64,
+    /// Lost-slot recovery: rows whose transaction is visible in this snapshot were delivered
+    /// before the slot was lost, and are not published again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<String>,
+    /// A lost-slot recovery (records marked `replay: recovered`), not a first start.
+    #[serde(default)]
+    pub recovery: bool,
 }
 
 impl Checkpoint {
@@ -118,7 +131,10 @@ mod tests {
                 cursor: 99,
                 done: false,
                 rows: 3,
+                delivered: Some("5:6:".into()),
+                recovery: true,
             }),
+            delivered_snapshot: Some("1:2:".into()),
             events_total: 42,
             written_at_us: 1,
         };

@@ -374,6 +374,10 @@ pub struct CdcConfig {
     /// (`all`), or only what commits after the slot (`none`). A slot sees only what commits
     /// after it was created; without the backfill, rows written before are never relayed.
     pub initial_backfill: InitialBackfill,
+    /// When the slot was lost or dropped while a checkpoint exists, recover instead of refusing:
+    /// a new slot, and the outbox rows the checkpoint does not prove delivered published from
+    /// the table (RUNBOOK.md, 'Lost slot'). Also `relay cdc --recover-lost-slot`.
+    pub recover_lost_slot: bool,
 }
 
 /// `cdc.initial_backfill`.
@@ -400,6 +404,7 @@ impl Default for CdcConfig {
             stream_memory_budget: 16 << 20,
             spill_dir: None,
             initial_backfill: InitialBackfill::All,
+            recover_lost_slot: false,
         }
     }
 }

@@ -46,7 +46,14 @@ enum Command {
     /// its fork point; see RUNBOOK.md). Serves
     /// /metrics, /healthz and /readyz on http.listen; notifies systemd (Type=notify) when
     /// streaming.
-    Cdc,
+    Cdc {
+        /// When the slot was lost (invalidated) or dropped while a checkpoint exists: create a
+        /// new slot and publish from the outbox table the rows the checkpoint does not prove
+        /// delivered, marked `replay: recovered`, then stream (same as cdc.recover_lost_slot =
+        /// true). See RUNBOOK.md, 'Lost slot'.
+        #[arg(long)]
+        recover_lost_slot: bool,
+    },
     /// Load and validate the configuration, then print it as it will be used (secrets redacted).
     ///
     /// Exits 0 when valid, printing the effective configuration as JSON on stdout; exits 2 when
@@ -96,7 +103,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
-        Command::Cdc => run_cdc(cli.config.as_deref()).await,
+        Command::Cdc { recover_lost_slot } => {
+            run_cdc(cli.config.as_deref(), recover_lost_slot).await
+        }
         Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
         Command::Status => status(cli.config.as_deref()).await,
         Command::WatchSlots => watch_slots(cli.config.as_deref()).await,
@@ -293,11 +302,12 @@ async fn watch_slots(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_cdc(path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(path) {
+async fn run_cdc(path: Option<&Path>, recover_lost_slot: bool) -> anyhow::Result<ExitCode> {
+    let mut cfg = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    cfg.cdc.recover_lost_slot |= recover_lost_slot;
     let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
     let daemon = Daemon::start(&cfg).await?;
     let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);

@@ -115,6 +115,8 @@ struct Batch {
     position: Option<Position>,
     /// Heartbeats received in it: when each was emitted (µs since the Unix epoch).
     heartbeats: Vec<i64>,
+    /// The snapshot the last heartbeat in it took (see `Checkpoint::delivered_snapshot`).
+    snapshot: Option<String>,
 }
 
 impl Batch {
@@ -306,8 +308,11 @@ impl Pipeline {
     }
 
     /// A heartbeat emitted at `sent_us` arrived; its round trip is observed at the commit.
-    pub fn heartbeat(&mut self, sent_us: i64) {
+    pub fn heartbeat(&mut self, sent_us: i64, snapshot: Option<String>) {
         self.batch.heartbeats.push(sent_us);
+        if snapshot.is_some() {
+            self.batch.snapshot = snapshot;
+        }
     }
 
     /// Nothing read is waiting for Kafka: no unit open, nothing batched, no commit in flight.
@@ -377,6 +382,11 @@ impl Pipeline {
         let mut cp = self.committed.clone();
         position.apply(&mut cp);
         cp.events_total += self.batch.events();
+        // The heartbeat's WAL transaction is a unit of this batch, complete (a batch closes
+        // only between units): once committed, what its snapshot saw is delivered.
+        if let Some(snap) = self.batch.snapshot.take() {
+            cp.delivered_snapshot = Some(snap);
+        }
         cp.written_at_us = unix_micros(SystemTime::now());
         let reply = self.sink.commit(cp).await?;
         let batch = std::mem::take(&mut self.batch);

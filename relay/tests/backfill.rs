@@ -123,3 +123,97 @@ async fn a_backfill_killed_midway_resumes_and_publishes_each_row_once() {
         }
     }
 }
+
+/// A slot invalidated for real (WAL past `max_slot_wal_keep_size` while the relay was stopped)
+/// is refused (exit 3); `relay cdc --recover-lost-slot` then creates a new slot and publishes
+/// from the table the rows of the gap, marked `replay: recovered`, without re-publishing what
+/// the checkpoint's delivered snapshot proves delivered; later rows stream. Each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_slot_is_recovered_from_the_table_without_loss() {
+    use crate::cdc::insert_event;
+    use crate::support::process::{PgCluster, RelayProc};
+    let pg = tokio::task::spawn_blocking(|| {
+        PgCluster::start_with(|_| ("max_slot_wal_keep_size = 1MB\n".to_owned(), String::new()))
+    })
+    .await
+    .unwrap();
+    relay::migrate::run(&pg.url("postgres"))
+        .await
+        .expect("migrate");
+    let h = Harness::new(pg.url("postgres"), kafka::bootstrap());
+    h.create_slot().await;
+    let c = h.client().await;
+    let before = insert_event(&c, "r-1").await;
+    // Long enough for heartbeats (1 s) after the row: the checkpoint records a snapshot that
+    // proves it delivered.
+    let mut relay = h.spawn();
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    // The gap: rows committed while the relay is stopped, then WAL past the cap.
+    let gap = [insert_event(&c, "r-2").await, insert_event(&c, "r-1").await];
+    c.batch_execute("CREATE TABLE filler (x text)")
+        .await
+        .unwrap();
+    let mut status = String::new();
+    for _ in 0..10 {
+        c.batch_execute(
+            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000); \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        status = c
+            .query_one(
+                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&h.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status == "lost" {
+            break;
+        }
+    }
+    assert_eq!(status, "lost", "premise: Postgres invalidated the slot");
+    h.expect_refusal(3, "was invalidated (wal_status = lost)");
+
+    let mut env = h.env();
+    env.set("RELAY_CDC__RECOVER_LOST_SLOT", "true");
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+    let after = insert_event(&c, "r-2").await;
+    h.wait_caught_up(&mut relay, Duration::from_secs(60)).await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("lost slot recovery"),
+        "the recovery is logged:\n{log}"
+    );
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+
+    let records = kafka::read_all(&format!("{}.order", h.prefix), Isolation::ReadCommitted).await;
+    let count = |id: &uuid::Uuid| {
+        records
+            .iter()
+            .filter(|r| r.header("event_id") == Some(id.to_string().as_str()))
+            .count()
+    };
+    assert_eq!(count(&before), 1, "delivered before the loss, not again");
+    for g in &gap {
+        assert_eq!(count(g), 1, "the gap's row {g} recovered once");
+        let r = records
+            .iter()
+            .find(|r| r.header("event_id") == Some(g.to_string().as_str()))
+            .unwrap();
+        assert_eq!(r.header("replay"), Some("recovered"));
+    }
+    assert_eq!(count(&after), 1, "streamed from the new slot");
+    assert_eq!(records.len(), 4, "nothing else");
+    drop(pg);
+}
