@@ -628,6 +628,73 @@ impl Harness {
     }
 }
 
+/// Protocol 2 under SIGKILLs: writers interleave large transactions that Postgres streams
+/// before they commit (logical_decoding_work_mem 64kB) with small ones, and roll back to
+/// savepoints inside committed transactions. Killed mid-stream, mid-commit and, with a small
+/// stream memory budget, while replaying a spilled transaction: each committed row once, in
+/// per-key order, and no row of a rolled-back savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_sigkills_under_protocol_2_with_streamed_and_savepoint_transactions() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    h.create_slot().await;
+    let mut env = h.env();
+    env.set("RELAY_CDC__PROTO_VERSION", "2")
+        // Streamed transactions past 1 MiB are spilled (a big one is about 1.3 MB), so kills
+        // land during spill replay too.
+        .set("RELAY_CDC__STREAM_MEMORY_BUDGET", "1048576");
+    let state = LoadState::default();
+    let shape = outbox_load::Shape {
+        savepoints: true,
+        big_every: 25,
+        big_rows: 4_000,
+    };
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            tokio::spawn(outbox_load::writer_shaped(
+                db.url(),
+                w,
+                state.clone(),
+                Duration::from_millis(3),
+                shape,
+            ))
+        })
+        .collect();
+    let mut logs = Vec::new();
+    for i in 0..12 {
+        let mut relay = RelayProc::spawn(&["cdc"], &env);
+        logs.push(relay.log.clone());
+        let ms = 500 + rand::random::<u64>() % 2000;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(st) = relay.try_status() {
+            panic!(
+                "relay run {i} exited by itself ({st}):\n{}",
+                relay.log_text()
+            );
+        }
+        relay.kill9();
+    }
+    stop_writers(&state, writers).await;
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    logs.push(relay.log.clone());
+    let t = h
+        .settle(&mut relay, Duration::from_secs(180), &state, &logs)
+        .await;
+    assert!(
+        !state.rolled_back.lock().unwrap().is_empty(),
+        "premise: savepoints were rolled back"
+    );
+    assert_exactly_once(&t, "12 SIGKILLs under protocol 2");
+}
+
 /// A slot dropped while the relay was stopped: the relay refuses to start (exit 3, naming the
 /// slot and its checkpoint) instead of creating a new slot that would begin after events it never
 /// relayed. `relay reset-checkpoint` records the operator's decision; then the relay runs again.
