@@ -7,7 +7,11 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# cmake is not needed: rdkafka builds its bundled librdkafka with make and a C compiler.
+# cmake is not needed: rdkafka builds its bundled librdkafka with make and a C compiler. It
+# links Debian's OpenSSL (TLS, SASL SCRAM/OAUTHBEARER), libcurl (OAUTHBEARER OIDC), zlib and zstd.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
@@ -16,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 zlib1g libzstd1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 COPY --from=builder /usr/local/bin/relay /usr/local/bin/relay

@@ -32,6 +32,18 @@
 //! stream, maps outbox rows and messages to records, and confirms to Postgres what the pipeline
 //! reports committed.
 //!
+//! ## First start
+//!
+//! A slot sees only what commits after it exists. On the first start (no checkpoint) the relay
+//! takes a snapshot after the slot exists (`pg_current_snapshot()`), records it in the
+//! checkpoint with the slot's position, and publishes every outbox row visible in it from the
+//! table, one Kafka transaction per few thousand rows, each checkpointing its cursor. Every
+//! transaction that committed before the slot's position is visible in that later snapshot, so
+//! nothing is missed; the stream, which starts at the slot's position, drops the inserts whose
+//! transaction is visible in the snapshot (they were published from the table), so nothing is
+//! published twice. A restart mid-backfill resumes from the cursor with the same snapshot (the
+//! query filters with `pg_visible_in_snapshot`, so no exported snapshot needs to survive).
+//!
 //! ## Liveness
 //!
 //! A heartbeat (`pg_logical_emit_message(true, <heartbeat_prefix>, <time>)`) is written on an
@@ -52,6 +64,8 @@ use crate::replication::conn::{
     SnapshotAction, StartOptions,
 };
 use crate::replication::pgoutput::{Column, Relation};
+use crate::replication::snapshot::Snapshot;
+use crate::replication::timeline;
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings, Poison};
@@ -85,6 +99,10 @@ pub struct CdcSettings {
     pub dlq_topic: String,
     pub shutdown_timeout: Duration,
     pub assembler: AssemblerConfig,
+    /// Publish the rows the outbox holds at the first start (see "First start").
+    pub initial_backfill: crate::config::InitialBackfill,
+    /// Recover a lost or dropped slot from the table (see "Lost slot").
+    pub recover_lost_slot: bool,
 }
 
 /// What went wrong, named after the situation.
@@ -120,10 +138,16 @@ pub enum CdcError {
     },
     #[error("replication slot {0:?} was invalidated (wal_status = lost): Postgres removed WAL it still needed, because the slot fell behind by more than max_slot_wal_keep_size. See RUNBOOK.md, 'Lost slot'")]
     SlotLost(String),
+    #[error("replication slot {slot:?} was invalidated by Postgres (invalidation_reason = {reason}): it cannot be streamed any more. See RUNBOOK.md, 'Lost slot'")]
+    SlotInvalidated { slot: String, reason: String },
+    #[error("publication {publication:?} does not publish inserts; run: ALTER PUBLICATION {publication} SET (publish = 'insert')")]
+    PublicationNoInserts { publication: String },
     #[error("publication {publication:?} does not publish {table}; run: ALTER PUBLICATION {publication} ADD TABLE {table}")]
     PublicationMissingTable { publication: String, table: String },
     #[error("the checkpoint in Kafka belongs to Postgres system {checkpoint}, but this server is system {server}: refusing to resume from another cluster's positions. Use another checkpoint topic or slot name for this cluster")]
     SystemMismatch { checkpoint: u64, server: u64 },
+    #[error(transparent)]
+    Timeline(#[from] crate::replication::timeline::TimelineError),
     #[error("outbox table {table} has no column {column:?} (cdc columns = {naming:?}); set outbox.columns to match the table")]
     OutboxColumn {
         table: String,
@@ -149,6 +173,15 @@ impl SessionError for CdcError {
             CdcError::SlotInUse { .. } | CdcError::StreamEnded | CdcError::Timeout(..) => {
                 Disposition::Retry
             }
+            // No restart fixes a transaction too large for the transaction timeout.
+            CdcError::Sink(SinkError::TransactionTimeout { .. }) => Disposition::Refuse,
+            CdcError::Timeline(e) if e.is_transient() => Disposition::Retry,
+            CdcError::SlotDropped { .. }
+            | CdcError::SlotAhead { .. }
+            | CdcError::SlotLost(_)
+            | CdcError::SlotInvalidated { .. }
+            | CdcError::SystemMismatch { .. }
+            | CdcError::Timeline(_) => Disposition::Refuse,
             _ => Disposition::Fatal,
         }
     }
@@ -179,7 +212,7 @@ pub async fn run(
     // Records Kafka refused for good in one session go to the DLQ in the next (see `Poison`).
     let poison = Poison::default();
     let (s, m, h, sd, p) = (&settings, &metrics, &health, &shutdown, &poison);
-    pl::run_sessions(RelayKind::Cdc, m, h, sd, move || {
+    pl::run_sessions(RelayKind::Cdc, &settings.slot, m, h, sd, move || {
         Box::pin(async move { Session::new(s, m, h, sd).run(p).await })
     })
     .await
@@ -273,6 +306,8 @@ struct OutboxLayout {
     headers: Option<usize>,
     /// The outbox `id` column, when the table has one (for the DLQ record's identity).
     id: Option<usize>,
+    /// The `txid` column (`xid8`), when the table has one (the backfill's overlap).
+    txid: Option<usize>,
 }
 
 struct Session<'a> {
@@ -282,12 +317,20 @@ struct Session<'a> {
     shutdown: &'a Shutdown,
     system_id: u64,
     timeline: u32,
+    /// The history of `timeline`: which timeline wrote the WAL at a position (for event ids).
+    history: timeline::TimelineHistory,
     /// Transactions with a commit LSN below this are already in Kafka.
     resume_floor: Lsn,
     router: TopicRouter,
     current: Option<WalTxn>,
     layout: Option<OutboxLayout>,
     dlq_topic: Arc<str>,
+    /// The first start's backfill snapshot: outbox inserts of transactions visible in it were
+    /// published from the table, and are dropped from the stream.
+    backfilled: Option<Snapshot>,
+    /// The slot was lost and has been re-created: the table backfill recovers the gap, minus
+    /// what the checkpoint's delivered snapshot (if any) proves delivered.
+    recovering: Option<Option<String>>,
 }
 
 impl<'a> Session<'a> {
@@ -304,11 +347,14 @@ impl<'a> Session<'a> {
             shutdown,
             system_id: 0,
             timeline: 0,
+            history: Default::default(),
             resume_floor: Lsn::INVALID,
             router: TopicRouter::new(&s.topic_template),
             current: None,
             layout: None,
             dlq_topic: s.dlq_topic.as_str().into(),
+            backfilled: None,
+            recovering: None,
         }
     }
 
@@ -324,7 +370,22 @@ impl<'a> Session<'a> {
         let ident = sql.identify_system().await?;
         self.system_id = ident.system_id;
         self.timeline = ident.timeline;
-        let slot = self.preflight(&mut sql).await?;
+        self.history = timeline::server_history(&mut sql, self.timeline).await?;
+        let slot = match self.preflight(&mut sql).await {
+            Err(e @ (CdcError::SlotLost(_) | CdcError::SlotInvalidated { .. }))
+                if s.recover_lost_slot =>
+            {
+                // The invalidated slot can never stream again: drop it, and recover below.
+                tracing::warn!(slot = %s.slot, error = %e, "recovering the lost slot: dropping it");
+                sql.simple_query(&format!(
+                    "SELECT pg_drop_replication_slot({})",
+                    quote_literal(&s.slot)
+                ))
+                .await?;
+                None
+            }
+            other => other?,
+        };
 
         let key = checkpoint::cdc_key(&s.slot);
         let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
@@ -352,8 +413,20 @@ impl<'a> Session<'a> {
             .await
         {
             Ok(slot_confirmed) => {
-                self.stream(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
+                // The checkpoint is valid here (same system; on this timeline or before the
+                // fork): the next ones record this server's timeline.
+                pipe.committed_mut().system_id = self.system_id;
+                pipe.committed_mut().timeline = self.timeline;
+                match self
+                    .backfill(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
                     .await
+                {
+                    Ok(()) => {
+                        self.stream(&mut sql, &mut pipe, checkpoint.is_some(), slot_confirmed)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -371,7 +444,9 @@ impl<'a> Session<'a> {
     /// and the relay's checkpoint. A missing slot is created only when there is no checkpoint:
     /// with one, the slot was dropped, and a new slot would start after events that may never
     /// have been relayed. A slot confirmed past the checkpoint was moved by something else; the
-    /// events in between cannot be read from it. Both are refused rather than skipped.
+    /// events in between cannot be read from it. Both are refused rather than skipped, as is a
+    /// checkpoint from another timeline past the point where the server's timeline forked from it
+    /// (`replication::timeline`).
     async fn slot_position(
         &mut self,
         sql: &mut ReplicationClient,
@@ -386,6 +461,8 @@ impl<'a> Session<'a> {
                     server: self.system_id,
                 });
             }
+            let (history, tl) = (&self.history, self.timeline);
+            timeline::check_resume(sql, history, cp.end_lsn(), cp.timeline, tl).await?;
         }
         match (slot, checkpoint) {
             (Some(confirmed), Some(cp)) if confirmed > cp.end_lsn() => Err(CdcError::SlotAhead {
@@ -394,6 +471,20 @@ impl<'a> Session<'a> {
                 checkpoint: cp.end_lsn(),
             }),
             (Some(confirmed), _) => Ok(confirmed),
+            (None, Some(cp)) if s.recover_lost_slot => {
+                let created = sql
+                    .create_logical_slot(&s.slot, "pgoutput", false, SnapshotAction::NoExport)
+                    .await?;
+                tracing::warn!(
+                    slot = %s.slot,
+                    checkpoint = %cp.end_lsn(),
+                    new_slot = %created.consistent_point,
+                    delivered_snapshot = cp.delivered_snapshot.as_deref().unwrap_or("none"),
+                    "lost slot recovery: created a new slot; the outbox rows the checkpoint does not prove delivered are published from the table. WAL-only events (pg_logical_emit_message) committed between the checkpoint and the new slot cannot be recovered"
+                );
+                self.recovering = Some(cp.delivered_snapshot.clone());
+                Ok(created.consistent_point)
+            }
             (None, Some(cp)) => Err(CdcError::SlotDropped {
                 slot: s.slot.clone(),
                 checkpoint: cp.end_lsn(),
@@ -412,90 +503,183 @@ impl<'a> Session<'a> {
     /// Checks the server and the slot; creates the publication where missing. Returns the
     /// slot's confirmed flush LSN, or `None` if the slot does not exist.
     async fn preflight(&mut self, sql: &mut ReplicationClient) -> Result<Option<Lsn>, CdcError> {
+        crate::slot_watch::preflight(sql, self.s).await
+    }
+
+    /// The first start's backfill (module docs, "First start"): on a first start (no
+    /// checkpoint), takes a snapshot, records it in the checkpoint with the slot's position,
+    /// and publishes every outbox row visible in it from the table, in `id` order, a few
+    /// thousand rows per Kafka transaction, each checkpointing its cursor; after a crash it
+    /// resumes from that cursor with the same snapshot. Streaming then drops the inserts whose
+    /// transaction is visible in the snapshot: they were published here.
+    async fn backfill(
+        &mut self,
+        sql: &mut ReplicationClient,
+        pipe: &mut Pipeline,
+        resumed: bool,
+        slot_confirmed: Lsn,
+    ) -> Result<(), CdcError> {
         let s = self.s;
-        let wal_level = one_value(sql, "SHOW wal_level").await?;
-        if wal_level != "logical" {
-            return Err(CdcError::WalLevel(wal_level));
-        }
-        let keep = one_value(sql, "SHOW max_slot_wal_keep_size").await?;
-        if keep == "-1" {
-            tracing::warn!(
-                "max_slot_wal_keep_size is unlimited: a stalled slot can fill the primary's disk. \
-                 Set it (e.g. 1GB; see RUNBOOK.md) to cap the WAL a slot may retain"
-            );
-        }
-        let table = self.table();
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
-                quote_literal(&s.publication)
-            ))
-            .await?;
-        let exists = first_cell(&rows).is_some_and(|v| v != "0");
-        if !exists {
-            tracing::info!(publication = %s.publication, table = %table, "creating publication");
-            sql.simple_query(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}.{}",
-                quote_ident(&s.publication),
-                quote_ident(&s.table_schema),
-                quote_ident(&s.table_name)
-            ))
-            .await?;
-        }
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT count(*) FROM pg_publication_tables WHERE pubname = {} \
-                 AND schemaname = {} AND tablename = {}",
-                quote_literal(&s.publication),
-                quote_literal(&s.table_schema),
-                quote_literal(&s.table_name)
-            ))
-            .await?;
-        if first_cell(&rows).is_none_or(|v| v == "0") {
-            return Err(CdcError::PublicationMissingTable {
-                publication: s.publication.clone(),
-                table,
+        if let Some(delivered) = self.recovering.take() {
+            if self.s.columns != ColumnSet::Native {
+                tracing::warn!("lost-slot recovery needs the native outbox schema (its txid column); the rows of the gap are not published: re-publish them by hand (RUNBOOK, 'Lost slot')");
+                return Ok(());
+            }
+            if delivered.is_none() {
+                tracing::warn!("the checkpoint records no delivered snapshot (heartbeats off, or written by an older relay): every row of the outbox table is published again; consumers deduplicate on event_id");
+            }
+            let snapshot =
+                crate::slot_watch::one_value(sql, "SELECT pg_current_snapshot()::text").await?;
+            let cp = pipe.committed_mut();
+            cp.commit_lsn = slot_confirmed.0;
+            cp.end_lsn = slot_confirmed.0;
+            cp.backfill = Some(checkpoint::Backfill {
+                snapshot,
+                delivered,
+                recovery: true,
+                ..Default::default()
+            });
+        } else if !resumed {
+            if s.initial_backfill == crate::config::InitialBackfill::None {
+                tracing::info!("cdc.initial_backfill = none: rows the outbox held before the slot are not published");
+                return Ok(());
+            }
+            if self.s.columns != ColumnSet::Native {
+                tracing::warn!("the first start's backfill needs the native outbox schema (its txid column); rows the outbox held before the slot are not published");
+                return Ok(());
+            }
+            let snapshot =
+                crate::slot_watch::one_value(sql, "SELECT pg_current_snapshot()::text").await?;
+            let cp = pipe.committed_mut();
+            // The stream starts at the slot's position; the checkpoint says so from the first
+            // backfill transaction on, so that a restart mid-backfill resumes both.
+            cp.commit_lsn = slot_confirmed.0;
+            cp.end_lsn = slot_confirmed.0;
+            cp.backfill = Some(checkpoint::Backfill {
+                snapshot,
+                ..Default::default()
             });
         }
-        let rows = sql
-            .simple_query(&format!(
-                "SELECT plugin, database, active_pid, confirmed_flush_lsn, wal_status, \
-                 current_database() FROM pg_replication_slots WHERE slot_name = {}",
-                quote_literal(&s.slot)
-            ))
-            .await?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
+        let Some(b) = pipe.committed().backfill.clone() else {
+            return Ok(());
         };
-        let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let (plugin, database, active_pid, confirmed, wal_status, current_db) =
-            (cell(0), cell(1), cell(2), cell(3), cell(4), cell(5));
-        if plugin != "pgoutput" {
-            return Err(CdcError::SlotPlugin {
-                slot: s.slot.clone(),
-                plugin,
-            });
+        let snap = Snapshot::parse(&b.snapshot).map_err(|e| {
+            CdcError::Unexpected(format!("the checkpoint's backfill snapshot: {e}"))
+        })?;
+        self.backfilled = Some(snap);
+        if b.done {
+            return Ok(());
         }
-        if database != current_db {
-            return Err(CdcError::SlotDatabase {
-                slot: s.slot.clone(),
-                database,
-                expected: current_db,
-            });
+        tracing::info!(snapshot = %b.snapshot, from_id = b.cursor, rows_so_far = b.rows, "backfill: publishing the rows the outbox held at the first start");
+        let (mut cursor, mut rows) = (b.cursor, b.rows);
+        let limit = s.batch.max_events.max(1000);
+        // Recovery: not the rows the lost slot had delivered (their transactions are visible in
+        // the checkpoint's delivered snapshot).
+        let not_delivered = match &b.delivered {
+            Some(d) => format!(
+                " AND NOT pg_visible_in_snapshot(txid, {}::pg_snapshot)",
+                quote_literal(d)
+            ),
+            None => String::new(),
+        };
+        let mark: &'static [u8] = if b.recovery {
+            b"recovered"
+        } else {
+            b"backfill"
+        };
+        let table = format!(
+            "{}.{}",
+            quote_ident(&s.table_schema),
+            quote_ident(&s.table_name)
+        );
+        loop {
+            let query = format!(
+                "SELECT id, txid::text, event_id::text, aggregate_type, aggregate_id, event_type, \
+                 payload::text, headers::text, (extract(epoch from created_at) * 1000000)::bigint \
+                 FROM {table} WHERE id > {cursor} \
+                 AND pg_visible_in_snapshot(txid, {}::pg_snapshot){not_delivered} ORDER BY id LIMIT {limit}",
+                quote_literal(&b.snapshot)
+            );
+            let found = sql.simple_query(&query).await?;
+            let done = found.len() < limit;
+            pipe.begin_unit();
+            for row in &found {
+                let cell = |i: usize| row.get(i).cloned().flatten();
+                let id = cell(0).and_then(|v| v.parse::<i64>().ok()).ok_or_else(|| {
+                    CdcError::Unexpected("backfill: an outbox row without an id".into())
+                })?;
+                let txid = cell(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let created = cell(8).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                let headers = match cell(7) {
+                    Some(h) => outbox::parse_headers(h.as_bytes()),
+                    None => Ok(Vec::new()),
+                };
+                let (mut record, kind) =
+                    match (cell(2), cell(3), cell(4), cell(5), cell(6), headers) {
+                        (
+                            Some(event_id),
+                            Some(aggregate_type),
+                            Some(aggregate_id),
+                            Some(event_type),
+                            Some(payload),
+                            Ok(headers),
+                        ) => {
+                            let event = Event {
+                                event_id,
+                                aggregate_type,
+                                aggregate_id: Bytes::from(aggregate_id),
+                                event_type,
+                                payload: Bytes::from(payload),
+                                headers,
+                                source: Source::Table { txid, id },
+                                commit_ts_us: created,
+                            };
+                            self.publish(event, EventKind::Row, Some(Bytes::from(id.to_string())))
+                        }
+                        (event_id, aggregate_type, aggregate_id, event_type, payload, headers) => {
+                            let why = match headers {
+                                Err(e) => e.to_string(),
+                                Ok(_) => "a required column is NULL".to_owned(),
+                            };
+                            let mut identity = vec![("id", Bytes::from(id.to_string()))];
+                            for (name, v) in [
+                                ("event_id", event_id),
+                                ("aggregate_type", aggregate_type),
+                                ("event_type", event_type),
+                            ] {
+                                if let Some(v) = v {
+                                    identity.push((name, Bytes::from(v)));
+                                }
+                            }
+                            let dlq = DlqRecord {
+                                reason: why,
+                                key: aggregate_id.map(Bytes::from).unwrap_or_default(),
+                                value: payload.map(Bytes::from).unwrap_or_default(),
+                                identity,
+                                ..DlqRecord::default()
+                            };
+                            (
+                                dlq.into_record(self.dlq_topic.clone(), "unmappable_row"),
+                                RecordKind::Dlq,
+                            )
+                        }
+                    };
+                // Marked, so consumers and operators can tell a backfilled record.
+                record.headers.push(("replay", Bytes::from_static(mark)));
+                pipe.push(record, kind).await?;
+                cursor = id;
+                rows += 1;
+            }
+            pipe.end_unit(Position::Backfill { cursor, rows, done }, None)
+                .await?;
+            // One unit at a time: commit it (and its cursor) before reading on.
+            pipe.drain().await?;
+            if done {
+                break;
+            }
         }
-        if wal_status == "lost" {
-            return Err(CdcError::SlotLost(s.slot.clone()));
-        }
-        if !active_pid.is_empty() {
-            return Err(CdcError::SlotInUse {
-                slot: s.slot.clone(),
-                pid: active_pid,
-            });
-        }
-        confirmed
-            .parse::<Lsn>()
-            .map(Some)
-            .map_err(|e| CdcError::Unexpected(format!("confirmed_flush_lsn: {e}")))
+        tracing::info!(rows, "backfill complete; streaming from the slot");
+        Ok(())
     }
 
     async fn stream(
@@ -630,8 +814,11 @@ impl<'a> Session<'a> {
                 // 6. Heartbeat.
                 _ = heartbeat_tick.tick(), if s.heartbeat_interval.is_some() => {
                     let now = pl::unix_micros(SystemTime::now());
+                    // The snapshot is taken before the message's transaction commits: every
+                    // transaction it sees is in WAL before the heartbeat (see
+                    // `Checkpoint::delivered_snapshot`).
                     let query = format!(
-                        "SELECT pg_logical_emit_message(true, {}, '{now}')",
+                        "SELECT pg_logical_emit_message(true, {}, '{now}:' || pg_current_snapshot()::text)",
                         quote_literal(&s.heartbeat_prefix)
                     );
                     // Bounded: a Postgres that stops answering must end the session (and be
@@ -791,6 +978,16 @@ impl<'a> Session<'a> {
                     xid,
                 };
                 let cols = &ins.new.columns;
+                if let (Some(snap), Some(i)) = (&self.backfilled, layout.txid) {
+                    let txid = text_column(cols, i).and_then(|t| t.parse::<u64>().ok());
+                    if txid.is_some_and(|t| snap.visible(t)) {
+                        // Published by the backfill already.
+                        self.metrics
+                            .ignored_changes(IgnoredChange::Backfilled)
+                            .inc();
+                        return Ok(None);
+                    }
+                }
                 let event = match row_event(layout, cols, source, commit_ts_us) {
                     Ok(event) => event,
                     Err(why) => {
@@ -814,11 +1011,15 @@ impl<'a> Session<'a> {
             }
             Change::Message(m) => {
                 if m.prefix == self.s.heartbeat_prefix {
-                    if let Some(sent) = std::str::from_utf8(&m.content)
-                        .ok()
-                        .and_then(|t| t.parse::<i64>().ok())
-                    {
-                        pipe.heartbeat(sent);
+                    // `<µs since the epoch>:<pg_current_snapshot()>` (older relays wrote the
+                    // time alone).
+                    let text = std::str::from_utf8(&m.content).unwrap_or_default();
+                    let (sent, snapshot) = match text.split_once(':') {
+                        Some((t, snap)) => (t, Snapshot::parse(snap).ok().map(|_| snap.to_owned())),
+                        None => (text, None),
+                    };
+                    if let Ok(sent) = sent.parse::<i64>() {
+                        pipe.heartbeat(sent, snapshot);
                     }
                     return Ok(None);
                 }
@@ -830,7 +1031,8 @@ impl<'a> Session<'a> {
                 }
                 match MessageEvent::parse(&m.content) {
                     Ok(me) => {
-                        let event = me.into_event(self.system_id, m.lsn.0, xid, commit_ts_us);
+                        let tl = self.history.timeline_at(m.lsn, self.timeline);
+                        let event = me.into_event(self.system_id, tl, m.lsn.0, xid, commit_ts_us);
                         Ok(Some(self.publish(event, EventKind::Message, None)))
                     }
                     Err(why) => {
@@ -861,8 +1063,9 @@ impl<'a> Session<'a> {
     ) -> (OutRecord, RecordKind) {
         pl::route(&mut self.router, event, kind).unwrap_or_else(|unroutable| {
             let mut source: Vec<_> = outbox_id.map(|id| ("id", id)).into_iter().collect();
-            if let Source::Wal { lsn, xid } = unroutable.event.source {
-                source.extend(self.source_identity(Lsn(lsn), xid));
+            match unroutable.event.source {
+                Source::Wal { lsn, xid } => source.extend(self.source_identity(Lsn(lsn), xid)),
+                Source::Table { txid, .. } => source.push(("txid", Bytes::from(txid.to_string()))),
             }
             unroutable.into_dlq(self.dlq_topic.clone(), source)
         })
@@ -970,6 +1173,7 @@ impl<'a> Session<'a> {
                 ColumnSet::Native => relation.column_index("id"),
                 ColumnSet::Debezium => None,
             },
+            txid: relation.column_index("txid"),
         };
         self.layout = Some(layout);
         Ok(())
@@ -1044,15 +1248,6 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn one_value(sql: &mut ReplicationClient, query: &str) -> Result<String, CdcError> {
-    let rows = sql.simple_query(query).await?;
-    first_cell(&rows).ok_or_else(|| CdcError::Unexpected(format!("{query} returned no value")))
-}
-
-fn first_cell(rows: &[Vec<Option<String>>]) -> Option<String> {
-    rows.first().and_then(|r| r.first()).cloned().flatten()
-}
-
 /// `'text'` with quotes doubled: a SQL string literal.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -1122,6 +1317,8 @@ impl CdcSettings {
             shutdown_timeout: cfg.shutdown.timeout,
             // Streamed (protocol 2) transactions are buffered until they commit; past the
             // budget the largest is spilled to a temporary file, so memory stays bounded.
+            initial_backfill: cfg.cdc.initial_backfill,
+            recover_lost_slot: cfg.cdc.recover_lost_slot,
             assembler: AssemblerConfig {
                 memory_budget: cfg.cdc.stream_memory_budget,
                 spill_dir: cfg.cdc.spill_dir.clone(),

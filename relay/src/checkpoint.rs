@@ -42,12 +42,45 @@ pub struct Checkpoint {
     /// Polling cursor: outbox id of the last delivered row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_id: Option<i64>,
+    /// CDC: the outbox rows that existed when the relay first started, published from the
+    /// table (see `cdc` module docs, "First start"), and how far that has got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<Backfill>,
+    /// CDC: a `pg_snapshot` (text) every transaction visible in which is delivered: the
+    /// snapshot a heartbeat took, recorded once the heartbeat's WAL transaction is in Kafka
+    /// (a transaction visible to it committed before it, so before this checkpoint's
+    /// position). A lost slot is recovered from the table with it (RUNBOOK, 'Lost slot').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_snapshot: Option<String>,
     /// Events delivered by this relay since its first checkpoint (for operators).
     #[serde(default)]
     pub events_total: u64,
     /// Wall-clock time the record was written, microseconds since the Unix epoch.
     #[serde(default)]
     pub written_at_us: i64,
+}
+
+/// The first start's backfill: every outbox row visible in `snapshot` (a `pg_snapshot` taken
+/// after the slot existed) is published from the table, in `id` order; the stream then drops
+/// the rows whose transaction is visible in it (they were published already).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backfill {
+    /// `pg_current_snapshot()` as text: `xmin:xmax:xip,...`.
+    pub snapshot: String,
+    /// The last outbox `id` published.
+    pub cursor: i64,
+    /// Every row of the snapshot is published.
+    pub done: bool,
+    /// Rows published by the backfill.
+    #[serde(default)]
+    pub rows: u64,
+    /// Lost-slot recovery: rows whose transaction is visible in this snapshot were delivered
+    /// before the slot was lost, and are not published again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<String>,
+    /// A lost-slot recovery (records marked `replay: recovered`), not a first start.
+    #[serde(default)]
+    pub recovery: bool,
 }
 
 impl Checkpoint {
@@ -93,6 +126,15 @@ mod tests {
             end_lsn: 0x16_B374_D880,
             poll_txid: None,
             poll_id: None,
+            backfill: Some(Backfill {
+                snapshot: "10:20:12,15".into(),
+                cursor: 99,
+                done: false,
+                rows: 3,
+                delivered: Some("5:6:".into()),
+                recovery: true,
+            }),
+            delivered_snapshot: Some("1:2:".into()),
             events_total: 42,
             written_at_us: 1,
         };

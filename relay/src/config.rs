@@ -22,7 +22,8 @@
 //! Secrets: the Postgres password may sit in `postgres.url`, but `postgres.password_file` (e.g. a
 //! systemd credential) is preferred. Neither `Debug` nor the `Serialize` output used by
 //! `relay check-config` ever shows a password: the URL's password and any librdkafka option whose
-//! name contains `password` or `secret` are replaced by `***`.
+//! name contains `password` or `secret` (and `ssl.key.pem`, `sasl.oauthbearer.config`) are
+//! replaced by `***`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +34,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use config::{Source, Value, ValueKind};
+
+use crate::replication::conn::{ReplicationConfig, ReplicationError};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What replaces a secret in every rendering of the configuration.
@@ -183,6 +186,8 @@ pub struct RelayConfig {
     pub log: LogConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Slot metrics read from `pg_replication_slots` (CDC).
+    pub slot_watch: SlotWatchConfig,
 }
 
 /// `[postgres]`
@@ -221,28 +226,35 @@ impl fmt::Debug for PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// The connection settings for tokio-postgres: the URL, the password from `password_file`
-    /// when set (trailing newline trimmed, as editors and `echo` add one), the connect timeout.
+    /// The connection settings every Postgres connection of the relay uses (replication and
+    /// SQL): the URL parsed by the code that connects, the password from `password_file` when
+    /// set (trailing newline trimmed, as editors and `echo` add one), the connect timeout.
     ///
     /// Reads the password file on every call, so a rotated credential is picked up on reconnect.
-    pub fn connect_options(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut options = tokio_postgres::Config::from_str(self.url.expose()).map_err(|e| {
-            ConfigError::Invalid(vec![Problem::new(
-                "postgres.url",
-                format!("not a valid connection URL ({e})"),
-            )])
-        })?;
+    pub fn connection(&self) -> Result<ReplicationConfig, ConfigError> {
+        let mut cfg = ReplicationConfig::from_url(self.url.expose())
+            .map_err(|e| ConfigError::Invalid(vec![url_problem(&e)]))?;
         if let Some(path) = &self.password_file {
             let password =
                 std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
                     path: path.clone(),
                     source,
                 })?;
-            options.password(password.trim_end_matches(['\r', '\n']));
+            cfg.password = Some(password.trim_end_matches(['\r', '\n']).to_owned());
         }
-        options.connect_timeout(self.connect_timeout);
-        Ok(options)
+        cfg.connect_timeout = self.connect_timeout;
+        Ok(cfg)
     }
+}
+
+/// A `postgres.url` the connection code refuses. Its messages name the bad part, never a value
+/// that could be a secret.
+fn url_problem(e: &ReplicationError) -> Problem {
+    let what = match e {
+        ReplicationError::Config(what) => what.clone(),
+        other => other.to_string(),
+    };
+    Problem::new("postgres.url", what)
 }
 
 /// A Postgres connection URL whose password is never displayed.
@@ -358,6 +370,24 @@ pub struct CdcConfig {
     pub stream_memory_budget: usize,
     /// Directory of those spill files; the system's temporary directory when unset.
     pub spill_dir: Option<PathBuf>,
+    /// On the first start (no checkpoint yet), publish the outbox rows that already exist
+    /// (`all`), or only what commits after the slot (`none`). A slot sees only what commits
+    /// after it was created; without the backfill, rows written before are never relayed.
+    pub initial_backfill: InitialBackfill,
+    /// When the slot was lost or dropped while a checkpoint exists, recover instead of refusing:
+    /// a new slot, and the outbox rows the checkpoint does not prove delivered published from
+    /// the table (RUNBOOK.md, 'Lost slot'). Also `relay cdc --recover-lost-slot`.
+    pub recover_lost_slot: bool,
+}
+
+/// `cdc.initial_backfill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitialBackfill {
+    /// Every row of the outbox table as of the first start.
+    #[default]
+    All,
+    /// None: only what commits after the slot exists.
+    None,
 }
 
 impl Default for CdcConfig {
@@ -373,6 +403,8 @@ impl Default for CdcConfig {
             proto_version: 1,
             stream_memory_budget: 16 << 20,
             spill_dir: None,
+            initial_backfill: InitialBackfill::All,
+            recover_lost_slot: false,
         }
     }
 }
@@ -423,6 +455,7 @@ macro_rules! string_enum {
 }
 
 string_enum!(ColumnSet, ColumnSet::Native => "native", ColumnSet::Debezium => "debezium");
+string_enum!(InitialBackfill, InitialBackfill::All => "all", InitialBackfill::None => "none");
 
 /// `[outbox]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -529,7 +562,11 @@ impl LibrdkafkaOptions {
         self.0
             .iter()
             .map(|(k, v)| {
-                let secret = k.contains("password") || k.contains("secret");
+                // Besides passwords and secrets: an inline private key, and the OAUTHBEARER
+                // configuration string, which may carry credentials.
+                let secret = k.contains("password")
+                    || k.contains("secret")
+                    || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config");
                 (k.as_str(), if secret { REDACTED } else { v.as_str() })
             })
             .collect()
@@ -785,6 +822,27 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[slot_watch]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlotWatchConfig {
+    /// How often `pg_replication_slots` is read for the slot metrics.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Also watch every other slot of the database, and the physical slots: one forgotten slot
+    /// fills the same disk.
+    pub all_slots: bool,
+}
+
+impl Default for SlotWatchConfig {
+    fn default() -> Self {
+        SlotWatchConfig {
+            interval: Duration::from_secs(10),
+            all_slots: false,
+        }
+    }
+}
+
 impl RelayConfig {
     /// Loads from the optional file and the process environment, then validates.
     pub fn load(path: Option<&Path>) -> Result<RelayConfig, ConfigError> {
@@ -865,13 +923,12 @@ impl RelayConfig {
                 "postgres.url",
                 "must be a postgres:// or postgresql:// URL".to_owned(),
             );
-        } else if let Err(e) = tokio_postgres::Config::from_str(url) {
-            // tokio-postgres names the bad option, never its value, so this cannot leak.
-            check(
-                false,
-                "postgres.url",
-                format!("not a valid connection URL ({e})"),
-            );
+        } else if let Err(e) = ReplicationConfig::from_url(url)
+            .and_then(|pg| crate::replication::conn::check_tls_settings(&pg))
+        {
+            // The parser and the TLS set-up the relay connects with; `sslrootcert` is read.
+            let problem = url_problem(&e);
+            check(false, &problem.key, problem.message);
         }
         positive(
             &mut check,
@@ -1057,6 +1114,9 @@ impl RelayConfig {
 
         // shutdown
         positive(&mut check, "shutdown.timeout", self.shutdown.timeout);
+
+        // slot_watch
+        positive(&mut check, "slot_watch.interval", self.slot_watch.interval);
         p
     }
 }
@@ -1605,6 +1665,14 @@ mod tests {
             "kafka-secret".to_owned(),
         ));
         e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SSL.KEY.PEM".to_owned(),
+            "-----BEGIN PRIVATE KEY----- key-bytes".to_owned(),
+        ));
+        e.push((
+            "RELAY_KAFKA__LIBRDKAFKA__SASL.OAUTHBEARER.CONFIG".to_owned(),
+            "principal=relay token-bytes".to_owned(),
+        ));
+        e.push((
             "RELAY_POSTGRES__PASSWORD_FILE".to_owned(),
             "/run/credentials/relay/pg".to_owned(),
         ));
@@ -1614,6 +1682,8 @@ mod tests {
         for shown in [&debug, &json] {
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(!shown.contains("kafka-secret"), "{shown}");
+            assert!(!shown.contains("key-bytes"), "{shown}");
+            assert!(!shown.contains("token-bytes"), "{shown}");
             assert!(
                 shown.contains("postgres://relay:***@127.0.0.1:5432/app"),
                 "{shown}"
@@ -1643,12 +1713,39 @@ mod tests {
             secret.0.display().to_string(),
         ));
         let c = RelayConfig::load_from(None, e).unwrap();
-        let options = c.postgres.connect_options().unwrap();
-        assert_eq!(options.get_password(), Some(&b"from-file"[..]));
-        assert_eq!(
-            options.get_connect_timeout(),
-            Some(&Duration::from_secs(10))
+        let pg = c.postgres.connection().unwrap();
+        assert_eq!(pg.password.as_deref(), Some("from-file"));
+        assert_eq!(pg.connect_timeout, Duration::from_secs(10));
+        assert_eq!((pg.user.as_str(), pg.dbname.as_str()), ("relay", "app"));
+    }
+
+    #[test]
+    fn the_url_is_checked_by_the_code_that_connects() {
+        let problems = |url: &str| {
+            let mut e = required();
+            e[0].1 = url.to_owned();
+            match RelayConfig::load_from(None, e) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems(),
+            }
+        };
+        assert!(problems("postgres://u@h/db?sslmode=verify-full").is_empty());
+        let missing =
+            problems("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        assert!(
+            missing.len() == 1
+                && missing[0].contains("postgres.url")
+                && missing[0].contains("/nonexistent/ca.pem"),
+            "{missing:?}"
         );
+        let unknown = problems("postgres://u:s3cret@h/db?sslcert=/x.pem");
+        assert!(
+            unknown.len() == 1 && unknown[0].contains("sslcert"),
+            "{unknown:?}"
+        );
+        assert!(!unknown[0].contains("s3cret"), "{unknown:?}");
+        let mode = problems("postgres://u@h/db?sslmode=verify-ca");
+        assert!(mode.len() == 1 && mode[0].contains("verify-ca"), "{mode:?}");
     }
 
     #[test]
@@ -1664,6 +1761,8 @@ mod tests {
         assert_eq!(c.kafka.transaction_timeout, d.kafka.transaction_timeout);
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);
         assert_eq!(c.http.listen, d.http.listen);
+        assert_eq!(c.slot_watch.interval, d.slot_watch.interval);
+        assert_eq!(c.slot_watch.all_slots, d.slot_watch.all_slots);
         assert_eq!(c.poll.interval, d.poll.interval);
         assert_eq!(c.poll.max_interval, d.poll.max_interval);
         assert_eq!(c.poll.batch_size, d.poll.batch_size);

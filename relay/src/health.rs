@@ -10,13 +10,16 @@
 //!   should restart the process.
 //! - `/readyz` (readiness): 200 only while connected to Postgres and Kafka and streaming; 503 at
 //!   start-up, while reconnecting and while draining on shutdown. Not-ready is normal for short
-//!   spells and must not restart the process.
+//!   spells and must not restart the process. The body says why: `not ready` followed by the
+//!   notes components leave (the relay loop's last error while reconnecting, the slot watcher's
+//!   findings such as a lost slot or a slot held by another process), one per line.
 //!
 //! The server stops accepting when [`Shutdown`] triggers and finishes in-flight requests.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -42,6 +45,17 @@ struct Flags {
     /// When the relay loop last went round, in milliseconds since `born`.
     progress_ms: AtomicU64,
     born: Instant,
+    /// Why the relay may not be ready, by the component that says so (see [`Health::set_note`]).
+    notes: Mutex<BTreeMap<NoteSource, String>>,
+}
+
+/// Who left a note on [`Health`]: each component replaces only its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NoteSource {
+    /// The relay loop (why it is reconnecting).
+    Relay,
+    /// The slot watcher (the slot's state, or that it cannot read it).
+    Slot,
 }
 
 impl Default for Health {
@@ -59,6 +73,7 @@ impl Health {
                 ready: AtomicBool::new(false),
                 progress_ms: AtomicU64::new(0),
                 born: Instant::now(),
+                notes: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -69,6 +84,27 @@ impl Health {
         // Relaxed: the flags are independent and only read for display; no other memory is
         // published through them.
         self.inner.ready.store(ready, Ordering::Relaxed);
+        if ready {
+            // Streaming again: the loop's reason for not being ready is over.
+            self.set_note(NoteSource::Relay, None);
+        }
+    }
+
+    /// Replaces `source`'s note (`None` removes it): one line saying what is wrong, shown by
+    /// `/readyz`. Never put secrets or payloads in it.
+    pub fn set_note(&self, source: NoteSource, note: Option<String>) {
+        // A poisoned lock only means a panic elsewhere while holding it; the map is still valid.
+        let mut notes = self.inner.notes.lock().unwrap_or_else(|e| e.into_inner());
+        match note {
+            Some(n) => notes.insert(source, n),
+            None => notes.remove(&source),
+        };
+    }
+
+    /// The notes, one per line, in a fixed order (relay loop first).
+    pub fn notes(&self) -> Vec<String> {
+        let notes = self.inner.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.values().cloned().collect()
     }
 
     /// The loop is working (true) or stuck in a state only a restart fixes (false).
@@ -177,7 +213,18 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    flag_response(state.health.is_ready(), "ready\n", "not ready\n")
+    let ready = state.health.is_ready();
+    let mut body = if ready { "ready\n" } else { "not ready\n" }.to_owned();
+    for note in state.health.notes() {
+        body.push_str(&note);
+        body.push('\n');
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body)
 }
 
 fn flag_response(ok: bool, yes: &'static str, no: &'static str) -> (StatusCode, &'static str) {
@@ -234,6 +281,19 @@ mod tests {
         assert!(body.contains("relay_ready 0"), "{body}");
         assert!(body.contains("relay_up 1"), "{body}");
 
+        health.set_note(NoteSource::Slot, Some("slot s: wal_status is lost".into()));
+        health.set_note(
+            NoteSource::Relay,
+            Some("reconnecting after: refused".into()),
+        );
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (
+                503,
+                "not ready\nreconnecting after: refused\nslot s: wal_status is lost\n".to_owned()
+            )
+        );
+        health.set_note(NoteSource::Slot, None);
         health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
         assert!(get(addr, "/metrics").await.1.contains("relay_ready 1"));

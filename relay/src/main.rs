@@ -10,8 +10,8 @@ use relay::metrics::Metrics;
 use relay::shutdown::Shutdown;
 use std::time::Duration;
 
-/// Exit code of `check-config` for an invalid configuration (1 is any other failure).
-const EXIT_INVALID_CONFIG: u8 = 2;
+/// Exit code of `check-config` for an invalid configuration (the scheme is in `relay::exit`).
+const EXIT_INVALID_CONFIG: u8 = relay::exit::Exit::InvalidConfig.code();
 
 #[derive(Parser)]
 #[command(
@@ -39,18 +39,30 @@ enum Command {
     /// exactly once (Kafka transactions carrying the checkpoint; the slot is confirmed only
     /// after the Kafka commit).
     ///
-    /// Runs until SIGTERM/SIGINT (exit 0 after committing or aborting the open transaction) or
-    /// a fatal error (exit 1: fenced by another instance, bad slot, wrong cluster...). Serves
+    /// Runs until SIGTERM/SIGINT (exit 0 after committing or aborting the open transaction;
+    /// 130 on a second signal) or a fatal error: exit 1 when a restart may help (fenced by
+    /// another instance, a server setting...), exit 3 when resuming could skip events and an
+    /// operator must decide (dropped, lost or moved slot, another cluster, another timeline past
+    /// its fork point; see RUNBOOK.md). Serves
     /// /metrics, /healthz and /readyz on http.listen; notifies systemd (Type=notify) when
     /// streaming.
-    Cdc,
+    Cdc {
+        /// When the slot was lost (invalidated) or dropped while a checkpoint exists: create a
+        /// new slot and publish from the outbox table the rows the checkpoint does not prove
+        /// delivered, marked `replay: recovered`, then stream (same as cdc.recover_lost_slot =
+        /// true). See RUNBOOK.md, 'Lost slot'.
+        #[arg(long)]
+        recover_lost_slot: bool,
+    },
     /// Run the polling relay: read the outbox table below the visibility horizon
     /// (`txid < pg_snapshot_xmin(pg_current_snapshot())`, cursor `(txid, id)`) into Kafka,
     /// exactly once (the cursor is the checkpoint in each Kafka transaction). Needs no
     /// replication slot.
     ///
-    /// Same plumbing as `cdc`: exit 0 on SIGTERM/SIGINT after committing what is complete,
-    /// exit 1 on a fatal error; /metrics, /healthz, /readyz on http.listen; systemd notify.
+    /// Same plumbing as `cdc`: exit 0 on SIGTERM/SIGINT after committing what is complete, 1 on
+    /// a failure a restart may help, 3 when resuming could skip rows (the server lost
+    /// transactions the relay published, another cluster); /metrics, /healthz, /readyz on
+    /// http.listen; systemd notify.
     Poll,
     /// Load and validate the configuration, then print it as it will be used (secrets redacted).
     ///
@@ -63,13 +75,30 @@ enum Command {
     /// fenced and exits 1).
     ///
     /// `relay cdc` refuses to start when its slot was dropped while a checkpoint exists, when
-    /// the slot is confirmed past the checkpoint, or when the checkpoint comes from another
-    /// Postgres cluster: in each case events may be missing and only the operator can decide.
+    /// the slot is confirmed past the checkpoint, when the checkpoint comes from another
+    /// Postgres cluster, or when it lies in WAL this server does not have (another timeline past
+    /// its fork point, a restored snapshot): in each case events may be missing and only the
+    /// operator can decide.
     /// This command records that decision: events committed between the old checkpoint and the
     /// slot's position are not relayed from WAL. It prints both positions and the old
     /// checkpoint's time; re-publish the outbox rows created since then (see RUNBOOK.md, 'Lost
     /// slot'; consumers deduplicate on event_id).
     ResetCheckpoint,
+
+    /// Print, for on-call, the CDC relay's slot (state, retained WAL, lag), its last checkpoint
+    /// in Kafka (position and time) and what a restart of `relay cdc` would do.
+    ///
+    /// Safe while the relay runs: the checkpoint is read by a plain consumer (read_committed),
+    /// never by the relay's transactional producer, so the running relay is not fenced. Exits 0
+    /// when a restart would stream, 3 when it would refuse to start (operator action needed, the
+    /// reason is printed), 1 when Postgres or the checkpoint cannot be read.
+    Status,
+
+    /// Export the slot metrics (relay_slot_*) alone, without streaming: the slot watcher of
+    /// `relay cdc` with the same /metrics, /healthz and /readyz (ready while the slot can be
+    /// read), for slot alerts that do not depend on the relay process (a frozen relay exports
+    /// nothing). Scrape it as a job of its own. Runs until SIGTERM/SIGINT (exit 0).
+    WatchSlots,
 
     /// Apply the schema migrations (outbox, publication, dedup table, demo orders). Idempotent.
     Migrate {
@@ -84,9 +113,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => Ok(check_config(cli.config.as_deref())),
-        Command::Cdc => run_relay(cli.config.as_deref(), RelayKind::Cdc).await,
-        Command::Poll => run_relay(cli.config.as_deref(), RelayKind::Poll).await,
+        Command::Cdc { recover_lost_slot } => {
+            run_cdc(cli.config.as_deref(), recover_lost_slot).await
+        }
+        Command::Poll => run_poll(cli.config.as_deref()).await,
         Command::ResetCheckpoint => reset_checkpoint(cli.config.as_deref()).await,
+        Command::Status => status(cli.config.as_deref()).await,
+        Command::WatchSlots => watch_slots(cli.config.as_deref()).await,
         Command::Migrate { database_url } => {
             let n = relay::migrate::run(&database_url).await?;
             println!("applied {n} migration(s)");
@@ -218,7 +251,7 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
                     reset.current.relay,
                     p.end_lsn(),
                     p.system_id,
-                    written_at(p.written_at_us),
+                    relay::status::written_at(p.written_at_us),
                     reset.current.end_lsn()
                 ),
                 None => println!(
@@ -241,55 +274,113 @@ async fn reset_checkpoint(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A checkpoint's `written_at_us` as RFC 3339 UTC, for the operator who re-publishes from it.
-fn written_at(us: i64) -> String {
-    match u64::try_from(us) {
-        Ok(us) => {
-            let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
-            humantime_serde::re::humantime::format_rfc3339_micros(t).to_string()
-        }
-        Err(_) => format!("{us} µs since the epoch"),
-    }
-}
-
-/// Runs relay `kind` inside the [`Daemon`] until shutdown or a fatal error.
-async fn run_relay(path: Option<&Path>, kind: RelayKind) -> anyhow::Result<ExitCode> {
+async fn status(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let cfg = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    // Settings before the daemon: a password file that cannot be read fails at once.
-    let cdc = match kind {
-        RelayKind::Cdc => Some(relay::cdc::CdcSettings::from_config(&cfg)?),
-        RelayKind::Poll => {
-            cfg.postgres.connect_options()?;
-            None
+    relay::telemetry::init(cfg.log.format, &cfg.log.level)?;
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    match relay::status::gather(&settings).await {
+        Ok(status) => {
+            print!("{status}");
+            Ok(ExitCode::from(status.restart().exit_code()))
         }
-    };
-    let daemon = Daemon::start(&cfg).await?;
-    let (metrics, health, shutdown) = (
-        daemon.metrics.clone(),
-        daemon.health.clone(),
-        daemon.shutdown.clone(),
-    );
-    let result = match cdc {
-        Some(settings) => relay::cdc::run(settings, metrics, health, shutdown)
-            .await
-            .map_err(|e| e.to_string()),
-        None => {
-            let settings = relay::poll::PollSettings::from_config(&cfg);
-            relay::poll::run(settings, metrics, health, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    };
-    daemon.stop().await;
-    match result {
-        Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            tracing::error!(error = %e, "exiting");
             eprintln!("error: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+async fn watch_slots(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let daemon = Daemon::start(&cfg).await?;
+    let mut watch = relay::slot_watch::SlotWatchSettings::from_config(&cfg, &settings);
+    watch.owns_readiness = true;
+    relay::slot_watch::run(
+        watch,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    daemon.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_cdc(path: Option<&Path>, recover_lost_slot: bool) -> anyhow::Result<ExitCode> {
+    let mut cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    cfg.cdc.recover_lost_slot |= recover_lost_slot;
+    let settings = relay::cdc::CdcSettings::from_config(&cfg)?;
+    let daemon = Daemon::start(&cfg).await?;
+    let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);
+    daemon.health.set_note(
+        relay::health::NoteSource::Relay,
+        Some("starting: checking Postgres, reading the checkpoint from Kafka".to_owned()),
+    );
+    // The slot metrics come from a task of their own, so they keep being exported while the
+    // relay loop cannot stream (that is when they matter most).
+    let watch = tokio::spawn(relay::slot_watch::run(
+        relay::slot_watch::SlotWatchSettings::from_config(&cfg, &settings),
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    ));
+    let result = relay::cdc::run(
+        settings,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    backstop.abort();
+    daemon.stop().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
+    Ok(exit_after(result.map_err(|e| {
+        (relay::exit::Exit::of_cdc(&e), e.to_string())
+    })))
+}
+
+/// The exit code after a relay's run, its error logged and printed.
+fn exit_after(result: Result<(), (relay::exit::Exit, String)>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((exit, e)) => {
+            tracing::error!(error = %e, exit_code = exit.code(), "exiting");
+            eprintln!("error: {e}");
+            exit.into()
+        }
+    }
+}
+
+async fn run_poll(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    // Before the daemon: a password file that cannot be read fails at once.
+    cfg.postgres.connection()?;
+    let settings = relay::poll::PollSettings::from_config(&cfg);
+    let daemon = Daemon::start(&cfg).await?;
+    let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);
+    let result = relay::poll::run(
+        settings,
+        daemon.metrics.clone(),
+        daemon.health.clone(),
+        daemon.shutdown.clone(),
+    )
+    .await;
+    backstop.abort();
+    daemon.stop().await;
+    Ok(exit_after(result.map_err(|e| {
+        (relay::exit::Exit::of_poll(&e), e.to_string())
+    })))
 }

@@ -14,8 +14,8 @@
 //! Kafka transaction.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::RelayKind;
@@ -75,6 +75,39 @@ pub mod names {
     pub const POLL_CURSOR_LAG_SECONDS: &str = "relay_poll_cursor_lag_seconds";
     /// Delivered outbox rows the polling relay's janitor deleted.
     pub const JANITOR_DELETED_ROWS_TOTAL: &str = "relay_janitor_deleted_rows_total";
+
+    // Slot metrics, read by `slot_watch` from `pg_replication_slots` on an interval over a
+    // connection of their own, so they keep coming while the relay cannot stream. Label `slot`
+    // is the slot name: the relay's own (`cdc.slot`), and with `slot_watch.all_slots` every
+    // other slot of the database and the physical slots, bounded by `max_replication_slots`.
+
+    /// 1 while the slot exists (0: dropped or not created yet).
+    pub const SLOT_EXISTS: &str = "relay_slot_exists";
+    /// 1 for the slot this relay streams (`cdc.slot`), 0 for the other slots it watches.
+    pub const SLOT_OWN: &str = "relay_slot_own";
+    /// WAL the slot keeps on the primary: `pg_current_wal_lsn() - restart_lsn`.
+    pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn`: what the slot's reader has not confirmed.
+    pub const SLOT_CONFIRMED_LAG_BYTES: &str = "relay_slot_confirmed_lag_bytes";
+    /// `safe_wal_size`: WAL that can still be written before the slot is in danger of losing
+    /// WAL it needs (absent when `max_slot_wal_keep_size` is unlimited or the slot is lost).
+    pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "relay_slot_safe_wal_size_bytes";
+    /// `wal_status` as a labelled gauge: 1 on the current value, 0 on the others.
+    pub const SLOT_WAL_STATUS: &str = "relay_slot_wal_status";
+    /// 1 while a process streams from the slot.
+    pub const SLOT_ACTIVE: &str = "relay_slot_active";
+    /// Process id of the walsender streaming from the slot (0 when none).
+    pub const SLOT_ACTIVE_PID: &str = "relay_slot_active_pid";
+    /// Seconds since the slot's `confirmed_flush_lsn` last moved, counted only while the slot is
+    /// behind the server's WAL end (an idle slot with nothing to confirm is not stalled).
+    pub const SLOT_CONFIRMED_AGE_SECONDS: &str = "relay_slot_confirmed_age_seconds";
+    /// Postgres 17+: `invalidation_reason` as a labelled gauge (1 on the current reason).
+    pub const SLOT_INVALIDATION_REASON: &str = "relay_slot_invalidation_reason";
+    /// The server's `max_slot_wal_keep_size` in bytes; -1 when unlimited.
+    pub const POSTGRES_MAX_SLOT_WAL_KEEP_SIZE_BYTES: &str =
+        "relay_postgres_max_slot_wal_keep_size_bytes";
+    /// 1 when the last read of `pg_replication_slots` succeeded: the slot metrics are current.
+    pub const SLOT_WATCH_SUCCESS: &str = "relay_slot_watch_success";
 }
 
 /// Declares a label's closed set of values: the enum, its label strings, and `ALL` for
@@ -144,7 +177,77 @@ label_enum! {
         /// A non-transactional `pg_logical_emit_message(false, <outbox prefix>, ..)`: it could
         /// be re-sent after a restart, so it is never relayed.
         NonTransactionalMessage => "non_transactional_message",
+        /// An outbox insert already published by the first start's backfill (its transaction
+        /// was visible in the backfill's snapshot).
+        Backfilled => "backfilled",
     }
+}
+
+label_enum! {
+    /// `wal_status` of [`names::SLOT_WAL_STATUS`]: Postgres's `pg_replication_slots.wal_status`.
+    WalStatus {
+        /// The slot's WAL is within `max_wal_size`.
+        Reserved => "reserved",
+        /// Past `max_wal_size`, kept for the slot within `max_slot_wal_keep_size`.
+        Extended => "extended",
+        /// Past `max_slot_wal_keep_size`: WAL the slot needs will be removed at the next
+        /// checkpoint unless its reader catches up first.
+        Unreserved => "unreserved",
+        /// WAL the slot needed was removed: the slot is invalidated.
+        Lost => "lost",
+    }
+}
+
+impl WalStatus {
+    /// The variant of Postgres's text value, `None` for NULL or a value this relay does not know.
+    pub fn parse(s: &str) -> Option<WalStatus> {
+        WalStatus::ALL.iter().copied().find(|w| w.as_str() == s)
+    }
+}
+
+label_enum! {
+    /// `reason` of [`names::SLOT_INVALIDATION_REASON`] (Postgres 17+).
+    InvalidationReason {
+        /// WAL the slot needed was removed (`max_slot_wal_keep_size`).
+        WalRemoved => "wal_removed",
+        /// Rows the slot needed were vacuumed (a logical slot on a standby).
+        RowsRemoved => "rows_removed",
+        /// `wal_level` on the primary is not sufficient (a logical slot on a standby).
+        WalLevelInsufficient => "wal_level_insufficient",
+        /// Inactive longer than `idle_replication_slot_timeout` (Postgres 18).
+        IdleTimeout => "idle_timeout",
+        /// A reason this relay does not know.
+        Other => "other",
+    }
+}
+
+impl InvalidationReason {
+    /// The variant of Postgres's text value (unknown values are [`InvalidationReason::Other`]).
+    pub fn parse(s: &str) -> InvalidationReason {
+        InvalidationReason::ALL
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == s)
+            .unwrap_or(InvalidationReason::Other)
+    }
+}
+
+/// One reading of a slot, as [`Metrics::set_slot`] exports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotReading {
+    pub active: bool,
+    /// 0 when no process streams from the slot.
+    pub active_pid: i64,
+    /// `None` when Postgres gives NULL (no `restart_lsn`).
+    pub retained_wal_bytes: Option<i64>,
+    /// `None` for a physical slot (no `confirmed_flush_lsn`).
+    pub confirmed_lag_bytes: Option<i64>,
+    /// `None` when unlimited or lost.
+    pub safe_wal_size_bytes: Option<i64>,
+    pub wal_status: Option<WalStatus>,
+    pub confirmed_age_seconds: f64,
+    /// `Some` only on Postgres 17+: `Some(None)` is a valid slot.
+    pub invalidation_reason: Option<Option<InvalidationReason>>,
 }
 
 /// Why a [`Metrics`] could not be built (a name clash or bad name: a programming error).
@@ -174,17 +277,24 @@ pub struct Metrics {
     up: IntGauge,
     ready: IntGauge,
     poll: PollMetrics,
+    slot: SlotGauges,
 }
 
-/// The polling relay's own metrics (see [`names::POLL_QUERIES_TOTAL`] and the names after it).
+/// The slot metrics' handles (see [`names::SLOT_EXISTS`] and below).
 #[derive(Clone)]
-struct PollMetrics {
-    queries: IntCounter,
-    rows: Histogram,
-    empty: IntCounter,
-    lag_rows: IntGauge,
-    lag_seconds: Gauge,
-    janitor_deleted: IntCounter,
+struct SlotGauges {
+    exists: IntGaugeVec,
+    own: IntGaugeVec,
+    retained: IntGaugeVec,
+    lag: IntGaugeVec,
+    safe: IntGaugeVec,
+    wal_status: IntGaugeVec,
+    active: IntGaugeVec,
+    active_pid: IntGaugeVec,
+    confirmed_age: GaugeVec,
+    invalidation: IntGaugeVec,
+    max_keep: IntGauge,
+    watch_success: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -329,6 +439,7 @@ impl Metrics {
                 )?,
             )?,
             poll: PollMetrics::new(&registry)?,
+            slot: SlotGauges::new(&registry)?,
             registry,
         };
         let build = register(
@@ -489,6 +600,115 @@ impl Metrics {
         self.poll.lag_seconds.set(seconds.max(0.0));
     }
 
+    /// Creates every series of `slot` (`own`: the slot this relay streams), so that alerts see
+    /// them from the first scrape. `with_reason`: the server reports `invalidation_reason`
+    /// (Postgres 17+).
+    pub fn init_slot_series(&self, slot: &str, own: bool, with_reason: bool) {
+        let g = &self.slot;
+        // `exists` starts at 0 and is set by the first reading: until then nothing is known,
+        // which relay_slot_watch_success says (the missing-slot alert requires it to be 1).
+        g.exists.with_label_values(&[slot]);
+        g.own.with_label_values(&[slot]).set(i64::from(own));
+        for v in [&g.retained, &g.lag, &g.safe, &g.active, &g.active_pid] {
+            v.with_label_values(&[slot]);
+        }
+        g.confirmed_age.with_label_values(&[slot]);
+        for &w in WalStatus::ALL {
+            g.wal_status.with_label_values(&[slot, w.as_str()]);
+        }
+        if with_reason {
+            for &r in InvalidationReason::ALL {
+                g.invalidation.with_label_values(&[slot, r.as_str()]);
+            }
+        }
+    }
+
+    /// Exports one reading of `slot` (created with [`Metrics::init_slot_series`] first).
+    pub fn set_slot(&self, slot: &str, r: &SlotReading) {
+        let g = &self.slot;
+        let l = &[slot];
+        g.exists.with_label_values(l).set(1);
+        g.active.with_label_values(l).set(i64::from(r.active));
+        g.active_pid.with_label_values(l).set(r.active_pid);
+        g.confirmed_age
+            .with_label_values(l)
+            .set(r.confirmed_age_seconds);
+        for (vec, value) in [
+            (&g.retained, r.retained_wal_bytes),
+            (&g.lag, r.confirmed_lag_bytes),
+            (&g.safe, r.safe_wal_size_bytes),
+        ] {
+            match value {
+                Some(v) => vec.with_label_values(l).set(v),
+                // NULL in Postgres: no value, rather than a made-up zero an alert would trust.
+                None => {
+                    let _ = vec.remove_label_values(l);
+                }
+            }
+        }
+        for &w in WalStatus::ALL {
+            g.wal_status
+                .with_label_values(&[slot, w.as_str()])
+                .set(i64::from(r.wal_status == Some(w)));
+        }
+        if let Some(reason) = r.invalidation_reason {
+            for &k in InvalidationReason::ALL {
+                g.invalidation
+                    .with_label_values(&[slot, k.as_str()])
+                    .set(i64::from(reason == Some(k)));
+            }
+        }
+    }
+
+    /// The relay's own slot does not exist: `relay_slot_exists` 0, its readings removed (the
+    /// last ones would be stale), `wal_status` all 0.
+    pub fn set_slot_missing(&self, slot: &str) {
+        let g = &self.slot;
+        g.exists.with_label_values(&[slot]).set(0);
+        g.active.with_label_values(&[slot]).set(0);
+        g.active_pid.with_label_values(&[slot]).set(0);
+        g.confirmed_age.with_label_values(&[slot]).set(0.0);
+        for vec in [&g.retained, &g.lag, &g.safe] {
+            let _ = vec.remove_label_values(&[slot]);
+        }
+        for &w in WalStatus::ALL {
+            g.wal_status.with_label_values(&[slot, w.as_str()]).set(0);
+        }
+    }
+
+    /// Removes every series of a watched slot that no longer exists (not the relay's own).
+    pub fn remove_slot_series(&self, slot: &str) {
+        let g = &self.slot;
+        for vec in [
+            &g.exists,
+            &g.own,
+            &g.retained,
+            &g.lag,
+            &g.safe,
+            &g.active,
+            &g.active_pid,
+        ] {
+            let _ = vec.remove_label_values(&[slot]);
+        }
+        let _ = g.confirmed_age.remove_label_values(&[slot]);
+        for &w in WalStatus::ALL {
+            let _ = g.wal_status.remove_label_values(&[slot, w.as_str()]);
+        }
+        for &r in InvalidationReason::ALL {
+            let _ = g.invalidation.remove_label_values(&[slot, r.as_str()]);
+        }
+    }
+
+    /// Sets `relay_postgres_max_slot_wal_keep_size_bytes` (-1: unlimited).
+    pub fn set_max_slot_wal_keep_size_bytes(&self, bytes: i64) {
+        self.slot.max_keep.set(bytes);
+    }
+
+    /// Sets `relay_slot_watch_success`.
+    pub fn set_slot_watch_success(&self, ok: bool) {
+        self.slot.watch_success.set(i64::from(ok));
+    }
+
     /// The registry, for components that register metrics of their own (e.g. slot_watch).
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -503,6 +723,17 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// The polling relay's own metrics (see [`names::POLL_QUERIES_TOTAL`] and the names after it).
+#[derive(Clone)]
+struct PollMetrics {
+    queries: IntCounter,
+    rows: Histogram,
+    empty: IntCounter,
+    lag_rows: IntGauge,
+    lag_seconds: Gauge,
+    janitor_deleted: IntCounter,
 }
 
 impl PollMetrics {
@@ -574,6 +805,86 @@ fn counter_vec(
     register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
+impl SlotGauges {
+    fn new(registry: &Registry) -> Result<SlotGauges, prometheus::Error> {
+        let slot = &["slot"];
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
+        };
+        Ok(SlotGauges {
+            exists: gauge(
+                names::SLOT_EXISTS,
+                "1 while the replication slot exists.",
+                slot,
+            )?,
+            own: gauge(
+                names::SLOT_OWN,
+                "1 for the slot this relay streams (cdc.slot), 0 for other slots it watches.",
+                slot,
+            )?,
+            retained: gauge(
+                names::SLOT_RETAINED_WAL_BYTES,
+                "Bytes of WAL the slot keeps on the server: pg_current_wal_lsn() - restart_lsn.",
+                slot,
+            )?,
+            lag: gauge(
+                names::SLOT_CONFIRMED_LAG_BYTES,
+                "Bytes of WAL not confirmed by the slot's reader: pg_current_wal_lsn() - confirmed_flush_lsn.",
+                slot,
+            )?,
+            safe: gauge(
+                names::SLOT_SAFE_WAL_SIZE_BYTES,
+                "safe_wal_size: bytes of WAL that can be written before the slot may lose WAL it needs.",
+                slot,
+            )?,
+            wal_status: gauge(
+                names::SLOT_WAL_STATUS,
+                "The slot's wal_status: 1 on the current value.",
+                &["slot", "wal_status"],
+            )?,
+            active: gauge(
+                names::SLOT_ACTIVE,
+                "1 while a process streams from the slot.",
+                slot,
+            )?,
+            active_pid: gauge(
+                names::SLOT_ACTIVE_PID,
+                "Process id of the walsender streaming from the slot (0: none).",
+                slot,
+            )?,
+            confirmed_age: register(
+                registry,
+                GaugeVec::new(
+                    Opts::new(
+                        names::SLOT_CONFIRMED_AGE_SECONDS,
+                        "Seconds since the slot's confirmed_flush_lsn last moved while behind the WAL end.",
+                    ),
+                    slot,
+                )?,
+            )?,
+            invalidation: gauge(
+                names::SLOT_INVALIDATION_REASON,
+                "Postgres 17+: the slot's invalidation_reason, 1 on the current one (all 0: valid).",
+                &["slot", "reason"],
+            )?,
+            max_keep: register(
+                registry,
+                IntGauge::new(
+                    names::POSTGRES_MAX_SLOT_WAL_KEEP_SIZE_BYTES,
+                    "The server's max_slot_wal_keep_size in bytes (-1: unlimited).",
+                )?,
+            )?,
+            watch_success: register(
+                registry,
+                IntGauge::new(
+                    names::SLOT_WATCH_SUCCESS,
+                    "1 when the last read of pg_replication_slots succeeded.",
+                )?,
+            )?,
+        })
+    }
+}
+
 fn histogram_vec(
     registry: &Registry,
     name: &str,
@@ -593,11 +904,17 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let m = Metrics::new().unwrap();
+        assert_eq!(
+            m.registry().gather().len(),
+            25,
+            "every metric without a slot label is gathered from the start"
+        );
+        m.init_slot_series("outbox_relay", true, true);
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            23,
-            "every metric is gathered from the start"
+            35,
+            "every slot metric is gathered once its slot's series exist"
         );
         for f in &families {
             let name = f.name();
@@ -632,7 +949,16 @@ mod tests {
             for metric in f.get_metric() {
                 for label in metric.get_label() {
                     assert!(
-                        ["relay", "kind", "outcome", "component"].contains(&label.name())
+                        [
+                            "relay",
+                            "kind",
+                            "outcome",
+                            "component",
+                            "slot",
+                            "wal_status",
+                            "reason"
+                        ]
+                        .contains(&label.name())
                             || name == names::BUILD_INFO,
                         "{name}: unexpected label {}",
                         label.name()
@@ -672,5 +998,60 @@ mod tests {
         assert!(text.contains("relay_poll_queries_total 0"), "{text}");
         assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="0.005"} 1"#));
         assert!(text.contains(r#"relay_commit_to_kafka_seconds_bucket{relay="cdc",le="30"} 1"#));
+    }
+
+    #[test]
+    fn slot_readings_set_and_remove_series() {
+        let m = Metrics::new().unwrap();
+        m.init_slot_series("s1", true, false);
+        let text = m.render();
+        assert!(text.contains(r#"relay_slot_wal_status{slot="s1",wal_status="lost"} 0"#));
+        assert!(text.contains(r#"relay_slot_own{slot="s1"} 1"#));
+        assert!(!text.contains("relay_slot_invalidation_reason"), "{text}");
+        m.set_slot(
+            "s1",
+            &SlotReading {
+                active: true,
+                active_pid: 42,
+                retained_wal_bytes: Some(1000),
+                confirmed_lag_bytes: Some(10),
+                safe_wal_size_bytes: None,
+                wal_status: WalStatus::parse("unreserved"),
+                confirmed_age_seconds: 2.5,
+                invalidation_reason: None,
+            },
+        );
+        let text = m.render();
+        for line in [
+            r#"relay_slot_wal_status{slot="s1",wal_status="unreserved"} 1"#,
+            r#"relay_slot_wal_status{slot="s1",wal_status="reserved"} 0"#,
+            r#"relay_slot_retained_wal_bytes{slot="s1"} 1000"#,
+            r#"relay_slot_confirmed_lag_bytes{slot="s1"} 10"#,
+            r#"relay_slot_active_pid{slot="s1"} 42"#,
+            r#"relay_slot_confirmed_age_seconds{slot="s1"} 2.5"#,
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
+        assert!(
+            !text.contains("relay_slot_safe_wal_size_bytes{"),
+            "NULL is no value"
+        );
+        m.set_slot_missing("s1");
+        let text = m.render();
+        assert!(text.contains(r#"relay_slot_exists{slot="s1"} 0"#));
+        assert!(!text.contains("relay_slot_retained_wal_bytes{"));
+        m.init_slot_series("other", false, true);
+        m.set_slot(
+            "other",
+            &SlotReading {
+                invalidation_reason: Some(Some(InvalidationReason::parse("idle_timeout"))),
+                ..SlotReading::default()
+            },
+        );
+        assert!(m
+            .render()
+            .contains(r#"relay_slot_invalidation_reason{reason="idle_timeout",slot="other"} 1"#));
+        m.remove_slot_series("other");
+        assert!(!m.render().contains(r#"slot="other""#));
     }
 }

@@ -406,12 +406,20 @@ impl MessageEvent {
         serde_json::from_slice(content).map_err(|e| MessageEventError(json_error(&e)))
     }
 
-    /// The event. Without an `event_id` in the message, one is derived from the cluster and the
-    /// message's LSN, so a replay of the same WAL yields the same id (consumers dedup on it).
-    pub fn into_event(self, system_id: u64, lsn: u64, xid: u32, commit_ts_us: i64) -> Event {
+    /// The event. Without an `event_id` in the message, one is derived from the cluster, the
+    /// timeline that wrote it and the message's LSN (see [`wal_event_id`]), so a replay of the
+    /// same WAL yields the same id (consumers dedup on it), on whichever timeline it is read.
+    pub fn into_event(
+        self,
+        system_id: u64,
+        timeline: u32,
+        lsn: u64,
+        xid: u32,
+        commit_ts_us: i64,
+    ) -> Event {
         let event_id = self
             .event_id
-            .unwrap_or_else(|| uuid::Uuid::from_u64_pair(system_id, lsn))
+            .unwrap_or_else(|| wal_event_id(system_id, timeline, lsn))
             .to_string();
         let headers = header_strings(self.headers.unwrap_or_default());
         Event {
@@ -425,6 +433,39 @@ impl MessageEvent {
             commit_ts_us,
         }
     }
+}
+
+/// The namespace of [`wal_event_id`]'s name-based (version 5) UUIDs.
+pub const WAL_EVENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1c_2a4e_8d3b_4f7a_9e05_b2c1_d4e3_f6a7);
+
+/// The event id of a WAL-only message without one: a name for its position in the cluster's WAL.
+///
+/// The same LSN names different WAL on two timelines (after a promotion or a point-in-time
+/// restore the new timeline writes its own WAL past the fork), so the timeline is part of the
+/// name: otherwise a message the new timeline wrote would take the id of the old timeline's
+/// message at that LSN, and consumers would drop it as a duplicate. `timeline` is the timeline
+/// that wrote the message (from the server's timeline history), not the one it is read on: WAL
+/// before a fork is shared, and a message in it keeps its id when it is read again after a
+/// failover (say after `relay reset-checkpoint` moved to a slot behind). On timeline 1 the id is
+/// `Uuid::from_u64_pair(system_id, lsn)`, as before timelines were part of it, so ids of
+/// clusters that never failed over do not change; on a later timeline it is the version 5 UUID
+/// of the name `<system_id>:<timeline>:<lsn as X/X>` in [`WAL_EVENT_ID_NAMESPACE`] (the same as
+/// Python's `uuid.uuid5(namespace, name)`). A version 5 UUID has fixed version and variant bits,
+/// so it cannot equal a timeline-1 id except by a 122-bit hash coincidence.
+pub fn wal_event_id(system_id: u64, timeline: u32, lsn: u64) -> uuid::Uuid {
+    use sha1::{Digest, Sha1};
+    if timeline <= 1 {
+        return uuid::Uuid::from_u64_pair(system_id, lsn);
+    }
+    let name = format!("{system_id}:{timeline}:{}", crate::replication::Lsn(lsn));
+    let mut hash = Sha1::new();
+    hash.update(WAL_EVENT_ID_NAMESPACE.as_bytes());
+    hash.update(name.as_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 #[cfg(test)]
@@ -562,10 +603,45 @@ mod tests {
     #[test]
     fn message_event_derives_a_stable_id() {
         let m = br#"{"aggregate_type":"order","aggregate_id":"o-9","event_type":"X","payload":{"k":[1,2]}}"#;
-        let a = MessageEvent::parse(m).unwrap().into_event(1, 500, 3, 0);
-        let b = MessageEvent::parse(m).unwrap().into_event(1, 500, 3, 0);
+        let a = MessageEvent::parse(m).unwrap().into_event(1, 1, 500, 3, 0);
+        let b = MessageEvent::parse(m).unwrap().into_event(1, 1, 500, 3, 0);
         assert_eq!(a.event_id, b.event_id);
         assert_eq!(&a.payload[..], br#"{"k":[1,2]}"#);
         assert!(MessageEvent::parse(b"{\"aggregate_type\":1}").is_err());
+    }
+
+    #[test]
+    fn wal_event_ids_differ_across_timelines_and_keep_timeline_1() {
+        let sys = 7_345_000_000_000_000_123;
+        // Timeline 1: the derivation of earlier releases, unchanged.
+        assert_eq!(
+            wal_event_id(sys, 1, 0x300_0060),
+            uuid::Uuid::from_u64_pair(sys, 0x300_0060)
+        );
+        // Deterministic on one timeline, distinct across timelines and positions.
+        let mut seen = std::collections::HashSet::new();
+        for tl in 1..=4 {
+            for lsn in [0x300_0060, 0x300_0061, 0x16_B374_D848] {
+                let id = wal_event_id(sys, tl, lsn);
+                assert_eq!(id, wal_event_id(sys, tl, lsn));
+                assert!(seen.insert(id), "timeline {tl}, lsn {lsn:x}: {id} repeats");
+            }
+        }
+        // The documented name: a version 5 UUID of "<system>:<timeline>:<lsn>".
+        let id = wal_event_id(sys, 2, 0x300_0060);
+        assert_eq!(id.get_version_num(), 5);
+        let mut hash = <sha1::Sha1 as sha1::Digest>::new();
+        sha1::Digest::update(&mut hash, WAL_EVENT_ID_NAMESPACE.as_bytes());
+        sha1::Digest::update(&mut hash, format!("{sys}:2:0/3000060").as_bytes());
+        let digest = sha1::Digest::finalize(hash);
+        assert_eq!(&id.as_bytes()[..6], &digest[..6]);
+        let m = br#"{"aggregate_type":"order","aggregate_id":"o-9","event_type":"X","payload":1}"#;
+        let on_2 = MessageEvent::parse(m)
+            .unwrap()
+            .into_event(sys, 2, 500, 3, 0);
+        let on_1 = MessageEvent::parse(m)
+            .unwrap()
+            .into_event(sys, 1, 500, 3, 0);
+        assert_ne!(on_1.event_id, on_2.event_id);
     }
 }

@@ -59,6 +59,9 @@ pub enum Position {
     Wal { commit_lsn: Lsn, end_lsn: Lsn },
     /// Polling: the cursor `(txid, id)` of the last delivered row.
     Table { txid: u64, id: i64 },
+    /// CDC's first-start backfill: the last outbox `id` published from the table, rows so far,
+    /// and whether it is complete (the checkpoint's `backfill` record must exist).
+    Backfill { cursor: i64, rows: u64, done: bool },
 }
 
 impl Position {
@@ -74,6 +77,13 @@ impl Position {
             Position::Table { txid, id } => {
                 cp.poll_txid = Some(txid);
                 cp.poll_id = Some(id);
+            }
+            Position::Backfill { cursor, rows, done } => {
+                if let Some(b) = cp.backfill.as_mut() {
+                    b.cursor = cursor;
+                    b.rows = rows;
+                    b.done = done;
+                }
             }
         }
     }
@@ -105,6 +115,8 @@ struct Batch {
     position: Option<Position>,
     /// Heartbeats received in it: when each was emitted (µs since the Unix epoch).
     heartbeats: Vec<i64>,
+    /// The snapshot the last heartbeat in it took (see `Checkpoint::delivered_snapshot`).
+    snapshot: Option<String>,
 }
 
 impl Batch {
@@ -296,8 +308,11 @@ impl Pipeline {
     }
 
     /// A heartbeat emitted at `sent_us` arrived; its round trip is observed at the commit.
-    pub fn heartbeat(&mut self, sent_us: i64) {
+    pub fn heartbeat(&mut self, sent_us: i64, snapshot: Option<String>) {
         self.batch.heartbeats.push(sent_us);
+        if snapshot.is_some() {
+            self.batch.snapshot = snapshot;
+        }
     }
 
     /// Nothing read is waiting for Kafka: no unit open, nothing batched, no commit in flight.
@@ -367,6 +382,11 @@ impl Pipeline {
         let mut cp = self.committed.clone();
         position.apply(&mut cp);
         cp.events_total += self.batch.events();
+        // The heartbeat's WAL transaction is a unit of this batch, complete (a batch closes
+        // only between units): once committed, what its snapshot saw is delivered.
+        if let Some(snap) = self.batch.snapshot.take() {
+            cp.delivered_snapshot = Some(snap);
+        }
         cp.written_at_us = unix_micros(SystemTime::now());
         let reply = self.sink.commit(cp).await?;
         let batch = std::mem::take(&mut self.batch);
@@ -621,8 +641,11 @@ impl Unroutable {
 pub enum Disposition {
     /// Reconnect with backoff and resume from the last committed checkpoint.
     Retry,
-    /// The operator must act; exit non-zero.
+    /// Exit non-zero; a restart may help once the cause is gone (exit code 1).
     Fatal,
+    /// Resuming could skip or misplace events, or cannot succeed with this configuration:
+    /// refuse until an operator decides (exit code 3; restarting refuses again).
+    Refuse,
 }
 
 /// A relay session's error, as the reconnect loop sees it.
@@ -670,6 +693,8 @@ impl Backoff {
 /// checkpoint; consecutive failures are exported as `relay_consecutive_failures`.
 pub async fn run_sessions<'a, E: SessionError>(
     kind: RelayKind,
+    // Names the instance in the log lines (the slot, for CDC).
+    name: &str,
     metrics: &Metrics,
     health: &Health,
     shutdown: &Shutdown,
@@ -687,6 +712,11 @@ pub async fn run_sessions<'a, E: SessionError>(
             Ok(()) => return Ok(()),
             Err(e) if e.disposition() == Disposition::Retry => {
                 metrics.reconnects(e.component()).inc();
+                // /readyz says why the relay is not ready.
+                health.set_note(
+                    crate::health::NoteSource::Relay,
+                    Some(format!("reconnecting after: {e}")),
+                );
                 if started.elapsed() > Duration::from_secs(30) {
                     failures = 0;
                 }
@@ -695,6 +725,7 @@ pub async fn run_sessions<'a, E: SessionError>(
                 let sleep = backoff.next(started.elapsed());
                 tracing::warn!(
                     relay = kind.as_str(),
+                    name,
                     error = %e,
                     consecutive_failures = failures,
                     backoff_ms = sleep.as_millis() as u64,
@@ -708,7 +739,7 @@ pub async fn run_sessions<'a, E: SessionError>(
             Err(e) => {
                 failures += 1;
                 consecutive.set(failures as i64);
-                tracing::error!(relay = kind.as_str(), error = %e, "relay stopped: operator action needed");
+                tracing::error!(relay = kind.as_str(), name, error = %e, "relay stopped: operator action needed");
                 health.set_healthy(false);
                 return Err(e);
             }

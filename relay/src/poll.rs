@@ -98,8 +98,8 @@
 //! lost-slot recovery reads from the table. Another polling relay's cursor is not known here: enable
 //! the janitor only on a polling relay that is the only one reading its table.
 //!
-//! The SQL connection is tokio-postgres without TLS (`sslmode=prefer` connects in plain text,
-//! `require` fails): the replication client's TLS does not serve it yet.
+//! The SQL connection is the relay's own ([`connect_sql_listening`]): the same URL, `sslmode` and
+//! TLS as every other Postgres connection of the relay.
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{ConfigError, PostgresConfig, RelayKind};
@@ -108,7 +108,7 @@ use crate::metrics::{Component, EventKind, Metrics};
 use crate::outbox::{self, ColumnSet, Event, OutRecord, Source, TopicRouter};
 use crate::pipeline::{self as pl, BatchLimits, Disposition, DlqRecord, Pipeline, Position};
 use crate::pipeline::{RecordKind, SessionError};
-use crate::replication::conn::quote_ident;
+use crate::replication::conn::{connect_sql_listening, quote_ident, ReplicationError};
 use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings, Poison};
 use crate::sink::{Sink, SinkError};
@@ -116,7 +116,6 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 /// Everything the polling relay needs, already validated (see `config`).
 #[derive(Clone, Debug)]
@@ -229,6 +228,8 @@ impl PollSettings {
 pub enum PollError {
     #[error("Postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("connecting to Postgres: {0}")]
+    Connect(#[from] ReplicationError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -251,6 +252,11 @@ impl SessionError for PollError {
     fn disposition(&self) -> Disposition {
         match self {
             PollError::Postgres(e) if postgres_transient(e) => Disposition::Retry,
+            PollError::Connect(e) if e.is_transient() => Disposition::Retry,
+            // Resuming could skip rows, or cannot work with this table: a restart refuses again.
+            PollError::CursorAhead { .. }
+            | PollError::SystemMismatch { .. }
+            | PollError::Columns => Disposition::Refuse,
             PollError::Sink(e) if e.is_transient() => Disposition::Retry,
             PollError::Timeout(..) => Disposition::Retry,
             _ => Disposition::Fatal,
@@ -310,7 +316,7 @@ pub async fn run(
     // Records Kafka refused for good in one session go to the DLQ in the next (see `Poison`).
     let poison = Poison::default();
     let (s, m, h, sd, p) = (&settings, &metrics, &health, &shutdown, &poison);
-    pl::run_sessions(RelayKind::Poll, m, h, sd, move || {
+    pl::run_sessions(RelayKind::Poll, &s.name, m, h, sd, move || {
         Box::pin(async move { Session::new(s, m, h, sd).run(p).await })
     })
     .await
@@ -374,31 +380,18 @@ impl<'a> Session<'a> {
 
     async fn run(&mut self, poison: &Poison) -> Result<(), PollError> {
         let s = self.s;
-        let (client, conn) = bounded(
+        let mut connection = s.postgres.connection()?;
+        if connection.application_name.is_empty() {
+            connection.application_name = format!("outbox-relay-poll-{}", s.name);
+        }
+        // Notifications (LISTEN wake-ups) arrive on `wake`; the connection's I/O runs on a task
+        // of its own until the client is dropped.
+        let (client, mut wake) = bounded(
             "connection",
-            s.postgres.connect_options()?.connect(NoTls),
+            connect_sql_listening(&connection),
             s.postgres.connect_timeout + QUERY_TIMEOUT,
         )
         .await?;
-        // The connection task drives the socket and hands on notifications (LISTEN wake-ups).
-        let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(1);
-        let mut conn = conn;
-        let conn_task = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                        // One pending wake-up is enough: the poll reads everything there is.
-                        let _ = wake_tx.try_send(());
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "poll connection ended");
-                        break;
-                    }
-                }
-            }
-        });
         if let Some(channel) = &s.notify_channel {
             bounded(
                 "LISTEN",
@@ -407,10 +400,7 @@ impl<'a> Session<'a> {
             )
             .await?;
         }
-        let result = self.with_connection(&client, poison, &mut wake).await;
-        drop(client);
-        conn_task.abort();
-        result
+        self.with_connection(&client, poison, &mut wake).await
     }
 
     async fn with_connection(
@@ -600,7 +590,7 @@ impl<'a> Session<'a> {
                 }
                 // 6. A notification on poll.notify_channel: poll now, not at the end of the pause.
                 Some(()) = wake.recv() => {
-                    next_poll = Instant::now();
+                    next_poll = Instant::now() + pace.wake();
                 }
                 // 7. The next poll.
                 _ = tokio::time::sleep_until(next_poll), if may_poll => {
@@ -788,6 +778,15 @@ impl Pace {
         }
     }
 
+    /// A notification arrived: poll at once, and while polls find nothing, back off from a few
+    /// milliseconds rather than from `interval`. The notifying transaction has committed, but
+    /// an older one still running anywhere in the cluster can keep its rows above the horizon
+    /// for a moment; one empty poll must not leave them waiting a whole pause.
+    fn wake(&mut self) -> Duration {
+        self.idle = WAKE_RETRY.min(self.interval);
+        Duration::ZERO
+    }
+
     /// The pause after a poll that returned `rows` with a limit of `batch`.
     fn after(&mut self, rows: u64, batch: u32) -> Duration {
         if rows > 0 {
@@ -803,6 +802,9 @@ impl Pace {
         pause
     }
 }
+
+/// The first pause after a woken poll that found nothing (see [`Pace::wake`]).
+const WAKE_RETRY: Duration = Duration::from_millis(10);
 
 /// A row of the poll query.
 fn parse_row(r: &tokio_postgres::Row) -> Result<Row, PollError> {
@@ -896,6 +898,11 @@ mod tests {
         // A row resets the back-off.
         assert_eq!(pace.after(1, 100), ms(50));
         assert_eq!(pace.after(0, 100), ms(50));
+        // A notification: at once, then a back-off from 10 ms until rows come.
+        assert_eq!(pace.wake(), Duration::ZERO);
+        let woken: Vec<Duration> = (0..4).map(|_| pace.after(0, 100)).collect();
+        assert_eq!(woken, [ms(10), ms(20), ms(40), ms(80)]);
+        assert_eq!(pace.after(2, 100), ms(50));
     }
 
     fn row() -> Row {
@@ -945,10 +952,10 @@ mod tests {
     }
 
     #[test]
-    fn only_connection_trouble_is_retried() {
+    fn connection_trouble_is_retried_and_a_risk_of_skipping_rows_refused() {
         let e = PollError::Timeout("poll query", QUERY_TIMEOUT);
         assert_eq!(SessionError::disposition(&e), Disposition::Retry);
-        for fatal in [
+        for refused in [
             PollError::Columns,
             PollError::CursorAhead {
                 cursor: 10,
@@ -959,7 +966,8 @@ mod tests {
                 server: 2,
             },
         ] {
-            assert_eq!(SessionError::disposition(&fatal), Disposition::Fatal);
+            assert_eq!(SessionError::disposition(&refused), Disposition::Refuse);
+            assert_eq!(crate::exit::Exit::of_poll(&refused).code(), 3);
         }
     }
 }

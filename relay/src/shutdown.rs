@@ -6,6 +6,7 @@
 //!        relay loop: select! { biased; _ = shutdown.triggered() => drain … }  ◀┤
 //!        health server: graceful shutdown                                     ◀┘
 //!  second SIGTERM / SIGINT ──▶ log, exit(130) at once (the operator means it)
+//!  still running shutdown.timeout + 2 s after the first ──▶ backstop: log, exit(0)
 //! ```
 //!
 //! The state is level-triggered (a `watch` holding `true` once triggered), so a task that starts
@@ -14,6 +15,7 @@
 //! `TimeoutStopSec` sits above that.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -21,6 +23,10 @@ use tokio::task::JoinHandle;
 
 /// The exit code for a forced exit on a second signal (128 + SIGINT, the shell convention).
 pub const FORCED_EXIT_CODE: i32 = 130;
+
+/// How long after `shutdown.timeout` the backstop ends the process (see [`Shutdown::backstop`]).
+/// Below the 5 s between the unit's `TimeoutStopSec` and the default timeout.
+pub const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A shutdown flag shared by every task. Cloning shares it.
 #[derive(Clone, Debug)]
@@ -97,10 +103,34 @@ impl Shutdown {
     }
 }
 
+impl Shutdown {
+    /// Spawns the task that ends the process (exit 0) if it is still running `timeout` plus
+    /// [`BACKSTOP_GRACE`] after shutdown was triggered; abort the handle once the relay has
+    /// stopped by itself.
+    ///
+    /// The relay's drain gives up at `timeout`, but what follows may still block: closing the
+    /// Kafka producer waits for librdkafka calls that an unreachable broker holds for up to 30 s
+    /// each, and the async runtime waits for blocking threads on exit. Exiting here loses nothing:
+    /// the open Kafka transaction aborts (or is fenced by the next instance), and Postgres was not
+    /// told of its position.
+    pub fn backstop(&self, timeout: Duration) -> JoinHandle<()> {
+        let shutdown = self.clone();
+        tokio::spawn(async move {
+            shutdown.triggered().await;
+            tokio::time::sleep(timeout + BACKSTOP_GRACE).await;
+            tracing::warn!(
+                timeout_ms = (timeout + BACKSTOP_GRACE).as_millis() as u64,
+                "the relay did not stop within shutdown.timeout; exiting with the open Kafka \
+                 transaction abandoned (it aborts; nothing is lost)"
+            );
+            std::process::exit(0);
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn trigger_wakes_waiters_before_and_after() {

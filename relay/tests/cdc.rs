@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// One relay's names: its slot, topics, checkpoint topic and transactional id, all unique.
+/// Shared with the other test modules (`slot_watch`).
 pub(crate) struct Harness {
     pub(crate) db_url: String,
     pub(crate) bootstrap: String,
@@ -29,6 +30,18 @@ impl Harness {
             prefix: unique_name("ev"),
             checkpoint_topic: unique_name("cp"),
             txn_id: unique_name("txn"),
+        }
+    }
+
+    /// The same relay (slot, topics, checkpoint, transactional id) pointed at another database.
+    pub(crate) fn on(&self, db_url: String) -> Harness {
+        Harness {
+            db_url,
+            bootstrap: self.bootstrap.clone(),
+            slot: self.slot.clone(),
+            prefix: self.prefix.clone(),
+            checkpoint_topic: self.checkpoint_topic.clone(),
+            txn_id: self.txn_id.clone(),
         }
     }
 
@@ -63,19 +76,28 @@ impl Harness {
 
     /// The relay's /metrics text (its http.listen is in `env`).
     pub(crate) async fn metrics(env: &RelayEnv) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = env
-            .vars
+        Self::http_get(env, "/metrics").await
+    }
+
+    /// The relay's http.listen address (in `env`).
+    pub(crate) fn http_listen(env: &RelayEnv) -> String {
+        env.vars
             .iter()
             .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
             .map(|(_, v)| v.clone())
-            .expect("http.listen set");
+            .expect("http.listen set")
+    }
+
+    /// The whole HTTP response (status line, headers, body) of GET `path` on the relay's
+    /// http.listen (in `env`).
+    pub(crate) async fn http_get(env: &RelayEnv, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = Self::http_listen(env);
         let mut s = tokio::net::TcpStream::connect(&addr)
             .await
-            .expect("connect /metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+            .expect("connect to http.listen");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -566,7 +588,7 @@ async fn exactly_once_across_a_broker_restart() {
 }
 
 /// Inserts one outbox row for aggregate `agg` (payload `{"seq": 1}`); returns its event id.
-async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
+pub(crate) async fn insert_event(c: &tokio_postgres::Client, agg: &str) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
     c.execute(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
@@ -601,20 +623,90 @@ impl Harness {
         assert!(st.success(), "{}", relay.log_text());
     }
 
-    /// Starts `relay cdc` and expects it to exit 1 by itself with a log containing `needle`.
-    pub(crate) fn expect_refusal(&self, needle: &str) {
+    /// Starts `relay cdc` and expects it to exit with `code` by itself, with a log containing
+    /// `needle` (3: a refusal to protect events, 1: a failure a restart may cure; see
+    /// `relay::exit`). Returns the log.
+    pub(crate) fn expect_refusal(&self, code: i32, needle: &str) -> String {
         let mut relay = self.spawn();
         let st = relay
             .wait_exit(Duration::from_secs(60))
             .expect("the relay exits by itself");
         let log = relay.log_text();
-        assert_eq!(st.code(), Some(1), "{log}");
+        assert_eq!(st.code(), Some(code), "{log}");
         assert!(log.contains(needle), "no {needle:?} in:\n{log}");
         assert!(log.contains(&self.slot), "the slot is not named:\n{log}");
+        log
     }
 }
 
-/// A slot dropped while the relay was stopped: the relay refuses to start (exit 1, naming the
+/// Protocol 2 under SIGKILLs: writers interleave large transactions that Postgres streams
+/// before they commit (logical_decoding_work_mem 64kB) with small ones, and roll back to
+/// savepoints inside committed transactions. Killed mid-stream, mid-commit and, with a small
+/// stream memory budget, while replaying a spilled transaction: each committed row once, in
+/// per-key order, and no row of a rolled-back savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_sigkills_under_protocol_2_with_streamed_and_savepoint_transactions() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    h.create_slot().await;
+    let mut env = h.env();
+    env.set("RELAY_CDC__PROTO_VERSION", "2")
+        // Streamed transactions past 1 MiB are spilled (a big one is about 1.3 MB), so kills
+        // land during spill replay too.
+        .set("RELAY_CDC__STREAM_MEMORY_BUDGET", "1048576");
+    let state = LoadState::default();
+    let shape = outbox_load::Shape {
+        savepoints: true,
+        big_every: 25,
+        big_rows: 4_000,
+    };
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            tokio::spawn(outbox_load::writer_shaped(
+                db.url(),
+                w,
+                state.clone(),
+                Duration::from_millis(3),
+                shape,
+            ))
+        })
+        .collect();
+    let mut logs = Vec::new();
+    for i in 0..12 {
+        let mut relay = RelayProc::spawn(&["cdc"], &env);
+        logs.push(relay.log.clone());
+        let ms = 500 + rand::random::<u64>() % 2000;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(st) = relay.try_status() {
+            panic!(
+                "relay run {i} exited by itself ({st}):\n{}",
+                relay.log_text()
+            );
+        }
+        relay.kill9();
+    }
+    stop_writers(&state, writers).await;
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    logs.push(relay.log.clone());
+    let t = h
+        .settle(&mut relay, Duration::from_secs(180), &state, &logs)
+        .await;
+    assert!(
+        !state.rolled_back.lock().unwrap().is_empty(),
+        "premise: savepoints were rolled back"
+    );
+    assert_exactly_once(&t, "12 SIGKILLs under protocol 2");
+}
+
+/// A slot dropped while the relay was stopped: the relay refuses to start (exit 3, naming the
 /// slot and its checkpoint) instead of creating a new slot that would begin after events it never
 /// relayed. `relay reset-checkpoint` records the operator's decision; then the relay runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -630,7 +722,10 @@ async fn a_dropped_slot_is_refused_until_the_checkpoint_is_reset() {
         .await
         .unwrap();
     insert_event(&c, "a-2").await;
-    h.expect_refusal("does not exist, but the relay's checkpoint in Kafka is at");
+    h.expect_refusal(
+        3,
+        "does not exist, but the relay's checkpoint in Kafka is at",
+    );
     let slots: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
@@ -675,7 +770,7 @@ async fn a_slot_moved_past_the_checkpoint_is_refused() {
     )
     .await
     .unwrap();
-    h.expect_refusal("past the relay's checkpoint in Kafka");
+    h.expect_refusal(3, "past the relay's checkpoint in Kafka");
 }
 
 /// A slot of another output plugin is refused with a message naming it.
@@ -691,28 +786,36 @@ async fn a_slot_of_another_plugin_is_refused() {
         )
         .await
         .unwrap();
-    h.expect_refusal("uses the output plugin \\\"test_decoding\\\"");
+    h.expect_refusal(1, "uses the output plugin \\\"test_decoding\\\"");
+}
+
+impl Harness {
+    /// Another reader streaming the slot: the stream and its server process id.
+    pub(crate) async fn hold_slot(&self) -> (relay::replication::conn::ReplicationStream, i32) {
+        use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
+        let cfg = ReplicationConfig::from_url(&self.db_url).unwrap();
+        let client = ReplicationClient::connect(&cfg).await.unwrap();
+        let pid = client.backend_key().expect("backend key").process_id;
+        let stream = client
+            .start_replication(
+                &self.slot,
+                relay::replication::Lsn::INVALID,
+                StartOptions::new(vec!["outbox_pub".into()]),
+            )
+            .await
+            .unwrap();
+        (stream, pid)
+    }
 }
 
 /// A slot another reader holds: the relay says so and retries (it does not exit), then streams
 /// once the slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_in_use_is_waited_for() {
-    use relay::replication::conn::{ReplicationClient, ReplicationConfig, StartOptions};
     let db = TestDb::create().await;
     let h = Harness::new(db.url(), kafka::bootstrap());
     h.create_slot().await;
-    let cfg = ReplicationConfig::from_url(&h.db_url).unwrap();
-    let holder = ReplicationClient::connect(&cfg)
-        .await
-        .unwrap()
-        .start_replication(
-            &h.slot,
-            relay::replication::Lsn::INVALID,
-            StartOptions::new(vec!["outbox_pub".into()]),
-        )
-        .await
-        .unwrap();
+    let (holder, _) = h.hold_slot().await;
     let mut relay = h.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !relay.log_text().contains("is in use by process") {
@@ -870,6 +973,11 @@ async fn debezium_columns_messages_ignored_changes_and_poison() {
         sample(&m, "relay_events_total{kind=\"message\",relay=\"cdc\"}"),
         Some(1.0),
         "{m}"
+    );
+    assert_eq!(
+        sample(&m, "relay_dlq_records_total{relay=\"cdc\"}"),
+        Some(1.0),
+        "the poison message is counted: {m}"
     );
     assert!(relay
         .terminate(Duration::from_secs(20))

@@ -56,6 +56,26 @@ fn compose_postgres_matches_the_stack_settings() {
         "compose.yaml's Postgres flags equal scripts/postgres.conf"
     );
 
+    // The relay runs as the least-privilege role the Postgres service creates, not as postgres.
+    let relay_url = doc["services"]["relay"]["environment"]["RELAY_POSTGRES__URL"]
+        .as_str()
+        .expect("the relay's Postgres URL");
+    assert!(
+        relay_url.starts_with("postgres://relay:"),
+        "the relay connects as its own role: {relay_url}"
+    );
+    let init = doc["services"]["postgres"]["volumes"][0]
+        .as_str()
+        .expect("the role script is mounted");
+    let script = init.split(':').next().unwrap_or_default();
+    let script = std::fs::read_to_string(repo_root().join(script)).expect("the role script");
+    assert!(
+        script.contains("CREATE ROLE relay LOGIN REPLICATION")
+            && !script.contains("SUPERUSER")
+            && script.contains("GRANT SELECT ON TABLES TO relay"),
+        "{script}"
+    );
+
     let kafka_env = &doc["services"]["kafka"]["environment"];
     assert_eq!(
         kafka_env["KAFKA_PROCESS_ROLES"].as_str(),

@@ -436,6 +436,24 @@ async fn a_notify_wakes_the_poller() {
         .set("RELAY_POLL__MAX_INTERVAL", "60s")
         .set("RELAY_POLL__NOTIFY_CHANNEL", "outbox_wake");
     let mut relay = p.spawn_with(&env);
+    // Rows are written once the relay has polled (and so listens): a row committed before the
+    // LISTEN and kept above the horizon by another test's transaction would wait for the minute.
+    let listen = env
+        .vars
+        .iter()
+        .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("http.listen set");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok()
+            && sample(&Harness::metrics(&env).await, "relay_poll_queries_total") >= Some(1.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", relay.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut c = p.h.client().await;
     let topic = format!("{}.order", p.h.prefix);
     for seq in 1..=3 {

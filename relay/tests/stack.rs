@@ -142,3 +142,59 @@ fn a_failed_maven_download_stops_with_the_log_and_leaves_nothing_running() {
     let _ = std::fs::remove_dir_all(&bin);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// Kafka's controller, SASL_SSL and SSL ports follow `STACK_KAFKA_PORT` (+1, +2, +3) unless set,
+/// so a second stack on another client port collides with nothing: `scripts/stack env` names the
+/// listeners there, and a taken controller port (client port + 1) is reported as such, with the
+/// variable to change, and nothing is left running.
+#[test]
+fn kafka_ports_follow_the_client_port() {
+    let dir = std::env::temp_dir().join(unique_name("stack_ports"));
+    // A client port whose next port is taken by someone else.
+    let (kafka_port, _taken) = loop {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let controller = taken.local_addr().unwrap().port();
+        if controller > 1024 && port_is_free(controller - 1) {
+            break (controller - 1, taken);
+        }
+    };
+    let stack = |command: &str| {
+        Command::new(repo().join("scripts/stack"))
+            .arg(command)
+            .env("STACK_DIR", &dir)
+            .env("STACK_PG_PORT", free_port().to_string())
+            .env("STACK_KAFKA_PORT", kafka_port.to_string())
+            .env_remove("STACK_KAFKA_CONTROLLER_PORT")
+            .env_remove("STACK_KAFKA_SASL_SSL_PORT")
+            .env_remove("STACK_KAFKA_SSL_PORT")
+            .env("STACK_NO_INSTALL", "1")
+            .output()
+            .unwrap()
+    };
+    let env = String::from_utf8_lossy(&stack("env").stdout).into_owned();
+    for (var, port) in [
+        ("STACK_KAFKA_BOOTSTRAP", kafka_port),
+        ("STACK_KAFKA_SASL_SSL_BOOTSTRAP", kafka_port + 2),
+        ("STACK_KAFKA_SSL_BOOTSTRAP", kafka_port + 3),
+    ] {
+        assert!(
+            env.contains(&format!("export {var}=127.0.0.1:{port}\n")),
+            "{var}: {env}"
+        );
+    }
+    let out = stack("up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "port {} (Kafka controller) is already in use",
+            kafka_port + 1
+        )) && err.contains("STACK_KAFKA_CONTROLLER_PORT="),
+        "{err}"
+    );
+    assert!(
+        !dir.join("pg/data/postmaster.pid").exists(),
+        "the Postgres this run started was stopped again"
+    );
+    cleanup(&dir);
+}

@@ -62,6 +62,7 @@
 mod config;
 mod error;
 mod frame;
+mod sql;
 mod tls;
 
 use std::collections::HashMap;
@@ -74,11 +75,12 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 
 pub use config::{ReplicationConfig, SslMode};
 pub use error::{sqlstate, DbError, ReplicationError};
 pub use frame::{pg_now_micros, ReplicationMessage, MAX_MESSAGE_LEN};
+pub use sql::{connect_sql, connect_sql_listening};
+pub use tls::check_tls_settings;
 
 use frame::{Frame, FrameReader, StreamEvent, COPY_BOTH_RESPONSE_TAG};
 
@@ -207,6 +209,15 @@ pub struct IdentifySystem {
     pub dbname: Option<String>,
 }
 
+/// The result of `TIMELINE_HISTORY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimelineHistoryFile {
+    /// The file's name, e.g. `00000002.history`.
+    pub filename: String,
+    /// The file's bytes.
+    pub content: Vec<u8>,
+}
+
 /// What `CREATE_REPLICATION_SLOT` does with the snapshot of the slot's consistent point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotAction {
@@ -292,42 +303,40 @@ impl ReplicationClient {
     /// Connects, negotiates TLS as `cfg.sslmode` says, authenticates (trust, cleartext, MD5 or
     /// SCRAM-SHA-256) and waits for the server to be ready. The whole set-up is bounded by
     /// `cfg.connect_timeout` (a timeout is an `Io` error of kind `TimedOut`, transient).
+    ///
+    /// Under `sslmode=prefer` a connection that fails once encrypted is retried without TLS,
+    /// as libpq does (see [`SslMode::Prefer`]).
     pub async fn connect(cfg: &ReplicationConfig) -> Result<ReplicationClient, ReplicationError> {
-        cfg.validate()?;
-        match tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "connecting took longer than connect_timeout ({:?})",
-                    cfg.connect_timeout
-                ),
-            )
-            .into()),
-        }
+        Self::connect_as(cfg, true).await
     }
 
-    async fn connect_inner(cfg: &ReplicationConfig) -> Result<ReplicationClient, ReplicationError> {
-        let (socket, tls): (Box<dyn Socket>, bool) = match &cfg.unix_socket_dir {
-            Some(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{}", cfg.port));
-                (Box::new(UnixStream::connect(path).await?), false)
-            }
-            None => {
-                let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-                // Status updates are small and latency matters more than packet count.
-                tcp.set_nodelay(true)?;
-                // A peer that vanished (host down, network partition, a NAT that dropped the
-                // flow) is noticed by the kernel within about a minute and the read fails,
-                // instead of a replication stream waiting forever for the next message.
-                let keepalive = socket2::TcpKeepalive::new()
-                    .with_time(std::time::Duration::from_secs(30))
-                    .with_interval(std::time::Duration::from_secs(10))
-                    .with_retries(3);
-                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
-                tls::negotiate(tcp, cfg).await?
-            }
-        };
+    /// Like [`ReplicationClient::connect`], but an ordinary session (no `replication=database`):
+    /// SQL only, no replication commands. It takes no walsender slot (`max_wal_senders`), so a
+    /// monitor on it keeps working when every walsender is taken or the relay cannot stream.
+    pub async fn connect_ordinary(
+        cfg: &ReplicationConfig,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        Self::connect_as(cfg, false).await
+    }
+
+    async fn connect_as(
+        cfg: &ReplicationConfig,
+        replication: bool,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        tls::establish(cfg, |cfg, encrypted| {
+            Box::pin(Self::connect_inner(cfg, replication, encrypted))
+        })
+        .await
+    }
+
+    /// One connection attempt; `encrypted` is set once TLS is agreed on.
+    async fn connect_inner(
+        cfg: &ReplicationConfig,
+        replication: bool,
+        encrypted: &mut bool,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let socket = tls::open(cfg, encrypted).await?;
+        let tls = *encrypted;
         let mut client = ReplicationClient {
             conn: Connection::new(socket),
             parameters: HashMap::new(),
@@ -335,17 +344,17 @@ impl ReplicationClient {
             tls,
         };
 
-        frontend::startup_message(
-            [
-                ("user", cfg.user.as_str()),
-                ("database", cfg.dbname.as_str()),
-                ("replication", "database"),
-                ("application_name", cfg.application_name.as_str()),
-                // Text results are decoded as UTF-8.
-                ("client_encoding", "UTF8"),
-            ],
-            &mut client.conn.wbuf,
-        )?;
+        let mut params = vec![
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("application_name", cfg.application_name.as_str()),
+            // Text results are decoded as UTF-8.
+            ("client_encoding", "UTF8"),
+        ];
+        if replication {
+            params.push(("replication", "database"));
+        }
+        frontend::startup_message(params, &mut client.conn.wbuf)?;
         client.conn.send().await?;
         client.authenticate(cfg).await?;
         client.wait_until_ready().await?;
@@ -531,6 +540,15 @@ impl ReplicationClient {
         &mut self,
         sql: &str,
     ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        self.query_rows(sql, data_row_text).await
+    }
+
+    /// [`simple_query`](Self::simple_query) with each row converted by `row`.
+    async fn query_rows<T>(
+        &mut self,
+        sql: &str,
+        row: fn(&DataRowBody, u64) -> Result<T, ReplicationError>,
+    ) -> Result<Vec<T>, ReplicationError> {
         frontend::query(sql, &mut self.conn.wbuf)?;
         self.conn.send().await?;
         let mut rows = Vec::new();
@@ -549,7 +567,7 @@ impl ReplicationClient {
                 Message::RowDescription(_)
                 | Message::CommandComplete(_)
                 | Message::EmptyQueryResponse => {}
-                Message::DataRow(body) => rows.push(data_row_text(&body, offset)?),
+                Message::DataRow(body) => rows.push(row(&body, offset)?),
                 Message::ParameterStatus(body) => self.record_parameter(&body, offset)?,
                 Message::ReadyForQuery(_) => {
                     return match error {
@@ -580,6 +598,43 @@ impl ReplicationClient {
                 .parse()
                 .map_err(|_| bad_value("IDENTIFY_SYSTEM xlogpos", xlogpos))?,
             dbname: row.get(3).cloned().flatten(),
+        })
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file of timeline `tli`, which lists its ancestor
+    /// timelines and where each ended (parse it with
+    /// [`TimelineHistory::parse`](super::timeline::TimelineHistory::parse)). Timeline 1 has no
+    /// history: asking for it is a `Server` error (`58P01`, file not found).
+    ///
+    /// The server sends the file's bytes as they are (the column is `bytea` in text format, but
+    /// not escaped), so the content is returned as bytes: its free-text reasons need not be UTF-8.
+    pub async fn timeline_history(
+        &mut self,
+        timeline: u32,
+    ) -> Result<TimelineHistoryFile, ReplicationError> {
+        let rows = self
+            .query_rows(&format!("TIMELINE_HISTORY {timeline}"), data_row_bytes)
+            .await?;
+        let [row] = rows.as_slice() else {
+            return Err(ReplicationError::protocol(
+                format!(
+                    "TIMELINE_HISTORY returned {} rows, expected one",
+                    rows.len()
+                ),
+                None,
+            ));
+        };
+        let cell = |i: usize, what: &str| {
+            row.get(i).cloned().flatten().ok_or_else(|| {
+                ReplicationError::protocol(format!("TIMELINE_HISTORY {what} is NULL"), None)
+            })
+        };
+        let filename = String::from_utf8(cell(0, "filename")?).map_err(|_| {
+            ReplicationError::protocol("TIMELINE_HISTORY filename is not UTF-8", None)
+        })?;
+        Ok(TimelineHistoryFile {
+            filename,
+            content: cell(1, "content")?,
         })
     }
 
@@ -891,6 +946,21 @@ fn log_notice(notice: &DbError) {
 
 /// The text values of a DataRow (`None` for NULL).
 fn data_row_text(body: &DataRowBody, offset: u64) -> Result<Vec<Option<String>>, ReplicationError> {
+    data_row_bytes(body, offset)?
+        .into_iter()
+        .map(|v| {
+            v.map(String::from_utf8).transpose().map_err(|_| {
+                ReplicationError::protocol("malformed DataRow: value is not UTF-8", Some(offset))
+            })
+        })
+        .collect()
+}
+
+/// The raw values of a DataRow (`None` for NULL).
+fn data_row_bytes(
+    body: &DataRowBody,
+    offset: u64,
+) -> Result<Vec<Option<Vec<u8>>>, ReplicationError> {
     let malformed = |what: String| {
         ReplicationError::protocol(format!("malformed DataRow: {what}"), Some(offset))
     };
@@ -899,16 +969,12 @@ fn data_row_text(body: &DataRowBody, offset: u64) -> Result<Vec<Option<String>>,
     while let Some(range) = ranges.next().map_err(|e| malformed(e.to_string()))? {
         values.push(match range {
             None => None,
-            Some(range) => {
-                let bytes = body
-                    .buffer()
+            Some(range) => Some(
+                body.buffer()
                     .get(range)
-                    .ok_or_else(|| malformed("value out of bounds".into()))?;
-                Some(
-                    String::from_utf8(bytes.to_vec())
-                        .map_err(|_| malformed("value is not UTF-8".into()))?,
-                )
-            }
+                    .ok_or_else(|| malformed("value out of bounds".into()))?
+                    .to_vec(),
+            ),
         });
     }
     Ok(values)

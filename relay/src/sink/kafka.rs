@@ -7,6 +7,7 @@
 //!
 //! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
 
+use super::security::{await_connection, SecurityWatch};
 use super::{Backend, Returned, SinkError};
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
@@ -74,6 +75,7 @@ pub struct KafkaBackend {
     refused_topics: HashMap<String, (String, &'static str)>,
     poison: Poison,
     queue_full: Option<prometheus::IntCounter>,
+    security: SecurityWatch,
 }
 
 /// Records whose delivery failed with a definite error (too large for the broker, topic not
@@ -191,6 +193,7 @@ impl KafkaBackend {
             refused_topics: HashMap::new(),
             poison: Poison::default(),
             queue_full: None,
+            security: SecurityWatch::default(),
         }
     }
 
@@ -408,12 +411,18 @@ impl KafkaBackend {
 
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
     fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        self.read_checkpoint_as("checkpoint-reader", key)
+    }
+
+    /// [`KafkaBackend::read_checkpoint`] by a consumer named `<transactional id>-<role>`. It
+    /// assigns the partition: no group membership, no offsets committed.
+    fn read_checkpoint_as(&self, role: &str, key: &str) -> Result<Option<Checkpoint>, SinkError> {
         let topic = &self.settings.checkpoint_topic;
         let consumer: BaseConsumer<ReaderContext> = self
             .base_config()
             .set(
                 "group.id",
-                format!("{}-checkpoint-reader", self.settings.transactional_id),
+                format!("{}-{role}", self.settings.transactional_id),
             )
             .set("enable.auto.commit", "false")
             // Only committed checkpoints count: an aborted transaction's checkpoint never happened.
@@ -482,6 +491,37 @@ impl KafkaBackend {
         }
         Ok(latest)
     }
+}
+
+/// Reads the last committed checkpoint of `key` without a producer, for `relay status`: no
+/// `init_transactions`, so a relay running with the same transactional id is not fenced. A
+/// missing checkpoint topic means no checkpoint. Blocking (call it from `spawn_blocking`).
+///
+/// Unlike the relay's own read, nothing has settled the topic first: a transaction of a relay
+/// that died mid-commit stays open until `kafka.transaction_timeout`, and until then the read
+/// cannot reach the end and fails after a minute, saying so.
+pub fn read_checkpoint_read_only(
+    settings: KafkaSettings,
+    key: &str,
+    runtime: tokio::runtime::Handle,
+) -> Result<Option<Checkpoint>, SinkError> {
+    let reader = KafkaBackend::new(settings, runtime);
+    let topic = &reader.settings.checkpoint_topic;
+    let probe: BaseConsumer<ReaderContext> = reader
+        .base_config()
+        .create_with_context(ReaderContext)
+        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let md = probe
+        .fetch_metadata(Some(topic), CALL_TIMEOUT)
+        .map_err(|e| SinkError::Unavailable(format!("metadata of topic {topic}: {e}")))?;
+    let exists = md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    reader.read_checkpoint_as("checkpoint-status", key)
 }
 
 /// Delivery reports of the open transaction: how many of its records librdkafka has not yet
@@ -574,9 +614,15 @@ impl Deliveries {
 struct SinkContext {
     deliveries: Arc<Deliveries>,
     poison: Poison,
+    security: SecurityWatch,
 }
 
-impl rdkafka::client::ClientContext for SinkContext {}
+impl rdkafka::client::ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.security.observe(&error, reason);
+        tracing::error!(error = %error, reason, "producer: librdkafka error");
+    }
+}
 
 impl rdkafka::producer::ProducerContext for SinkContext {
     type DeliveryOpaque = usize;
@@ -709,8 +755,17 @@ impl Backend for KafkaBackend {
             .create_with_context(SinkContext {
                 deliveries: self.deliveries.clone(),
                 poison: self.poison.clone(),
+                security: self.security.clone(),
             })
             .map_err(|e| SinkError::Config(e.to_string()))?;
+        // A refused SASL login or an unverifiable broker certificate ends here, with the
+        // broker's reason, instead of in timeouts further on.
+        await_connection(
+            producer.client(),
+            &self.security,
+            &self.settings.bootstrap_servers,
+            CALL_TIMEOUT,
+        )?;
         self.producer = Some(producer);
         let topic = self.settings.checkpoint_topic.clone();
         self.ensure_topic(&topic, 1, true)?;

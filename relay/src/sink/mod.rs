@@ -23,6 +23,7 @@
 
 pub mod kafka;
 pub mod null;
+mod security;
 
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;

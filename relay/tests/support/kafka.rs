@@ -91,15 +91,15 @@ pub async fn read_all_from(bootstrap: &str, topic: &str, isolation: Isolation) -
         .expect("reader thread")
 }
 
+/// Every record of `topic` under `isolation`, from the beginning to the end offsets taken before
+/// reading (the high watermarks, which include any open transaction's records), partition by
+/// partition. The read ends only when the reader's position in every partition has reached its
+/// end offset: a partition's first EOF event is not enough, since under `read_committed` it comes
+/// at the last stable offset, short of the records of a transaction still open, and a duplicate
+/// among them, committed a moment later, would go unseen. An open transaction is waited for (it
+/// commits or aborts, by its producer, by fencing or by `transaction.timeout.ms`).
 pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", super::unique_name("reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation.as_str())
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
+    let consumer = reader(bootstrap, isolation);
     let timeout = Duration::from_secs(10);
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -110,37 +110,35 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
         .filter(|t| t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
+    // librdkafka asks for watermarks at the client's isolation level: under read_committed the
+    // "high" one is the last stable offset. A read_uncommitted client gives the true end.
+    let probe = reader(bootstrap, Isolation::ReadUncommitted);
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashSet::new();
+    let mut end = HashMap::new();
     for &p in &partitions {
-        let (low, high) = consumer
+        let (low, high) = probe
             .fetch_watermarks(topic, p, timeout)
             .expect("watermarks");
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
                 .expect("tpl");
-            remaining.insert(p);
+            end.insert(p, high);
         }
     }
-    if remaining.is_empty() {
+    drop(probe);
+    if end.is_empty() {
         return Vec::new();
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Partition EOF arrives once a partition's reader has reached the end offset of its
-    // isolation level (the last stable offset under read_committed). Counted per partition: a
-    // partition may report it more than once.
-    while !remaining.is_empty() {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !end.is_empty() {
         assert!(
             Instant::now() < deadline,
-            "reading {topic} did not reach the end in 60 s"
+            "reading {topic} did not reach the end offsets {end:?} in 120 s (a transaction left open?)"
         );
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                remaining.remove(&p);
-            }
+        let check = match consumer.poll(Duration::from_millis(200)) {
+            None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => true,
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             Some(Ok(m)) => {
                 let mut headers = HashMap::new();
@@ -159,8 +157,34 @@ pub fn read_all_blocking(bootstrap: &str, topic: &str, isolation: Isolation) -> 
                     value: m.payload().map(<[u8]>::to_vec),
                     headers,
                 });
+                // Between messages only now and then: a large topic is read message by message.
+                out.len() % 1000 == 0
             }
+        };
+        if !check {
+            continue;
         }
+        // The position moves past transaction markers and aborted records too, which are never
+        // returned as messages, so it reaches the end offset even when the last record is one.
+        let position = consumer.position().expect("position");
+        end.retain(|&p, &mut high| {
+            position
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .is_none_or(|at| at < high)
+        });
     }
     out
+}
+
+/// A consumer that reads assigned partitions under `isolation`, committing nothing.
+fn reader(bootstrap: &str, isolation: Isolation) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", super::unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation.as_str())
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer")
 }

@@ -22,8 +22,33 @@ pub struct LoadState {
     pub rolled_back: Arc<Mutex<Vec<uuid::Uuid>>>,
 }
 
+/// What else a writer's transactions do, beside 1 to 4 rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shape {
+    /// About one transaction in three also inserts rows inside a savepoint and rolls back to
+    /// it: those rows must never be delivered.
+    pub savepoints: bool,
+    /// Every `big_every`-th transaction also inserts `big_rows` rows for one aggregate, enough
+    /// to be streamed before it commits (protocol 2, a small logical_decoding_work_mem), so
+    /// large transactions interleave with the small ones of the other writers.
+    pub big_every: u32,
+    pub big_rows: u32,
+}
+
 /// Writes until `state.stop` is set. Reconnects when Postgres goes away.
 pub async fn writer(url: String, writer_id: u32, state: LoadState, pause: Duration) {
+    writer_shaped(url, writer_id, state, pause, Shape::default()).await
+}
+
+/// [`writer`], with transactions of `shape`.
+pub async fn writer_shaped(
+    url: String,
+    writer_id: u32,
+    state: LoadState,
+    pause: Duration,
+    shape: Shape,
+) {
+    let mut txn_no: u32 = 0;
     let mut seqs: HashMap<String, i64> = HashMap::new();
     'outer: while !state.stop.load(Ordering::Relaxed) {
         let Ok((mut client, conn)) = tokio_postgres::connect(&url, NoTls).await else {
@@ -36,6 +61,10 @@ pub async fn writer(url: String, writer_id: u32, state: LoadState, pause: Durati
         while !state.stop.load(Ordering::Relaxed) {
             let rows = 1 + rand::random::<u32>() % 4;
             let rollback = rand::random::<u32>() % 10 == 0;
+            txn_no += 1;
+            let big = shape.big_every > 0 && txn_no % shape.big_every == 0;
+            let savepoint = shape.savepoints && rand::random::<u32>() % 3 == 0;
+            let mut undone: Vec<uuid::Uuid> = Vec::new();
             let mut ids = Vec::new();
             let result: Result<(), tokio_postgres::Error> = async {
                 let tx = client.transaction().await?;
@@ -55,6 +84,34 @@ pub async fn writer(url: String, writer_id: u32, state: LoadState, pause: Durati
                     .await?;
                     ids.push((id, agg));
                 }
+                if savepoint {
+                    tx.batch_execute("SAVEPOINT sp").await?;
+                    let id = uuid::Uuid::new_v4();
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
+                         VALUES ($1, 'order', $2, 'RolledBack', '{\"seq\": -1}')",
+                        &[&id, &format!("w{writer_id}-sp")],
+                    )
+                    .await?;
+                    undone.push(id);
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT sp").await?;
+                }
+                if big {
+                    // One aggregate of its own, numbered in insert order.
+                    let agg = format!("w{writer_id}-big");
+                    let base = seqs.get(&agg).copied().unwrap_or(0);
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
+                         SELECT gen_random_uuid(), 'shipment', $1, 'Bulk', \
+                                jsonb_build_object('seq', $2::bigint + g, 'agg', $1::text, 'pad', repeat('x', 200)) \
+                         FROM generate_series(1, $3::int) g",
+                        &[&agg, &base, &(shape.big_rows as i32)],
+                    )
+                    .await?;
+                    for _ in 0..shape.big_rows {
+                        ids.push((uuid::Uuid::nil(), agg.clone()));
+                    }
+                }
                 if rollback {
                     tx.rollback().await
                 } else {
@@ -62,6 +119,7 @@ pub async fn writer(url: String, writer_id: u32, state: LoadState, pause: Durati
                 }
             }
             .await;
+            state.rolled_back.lock().unwrap().extend(undone);
             match result {
                 Ok(()) if rollback => {
                     state

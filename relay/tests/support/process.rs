@@ -35,6 +35,28 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1 as `server.crt`/`server.key` in a
+/// cluster's data directory (Postgres's defaults for `ssl = on`), made as the cluster's owner.
+pub fn make_server_cert(data: &Path) {
+    let out = pg_command(Path::new("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(data.join("server.key"))
+        .arg("-out")
+        .arg(data.join("server.crt"))
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A throwaway Postgres cluster with the stack's settings, for tests that restart Postgres.
 pub struct PgCluster {
     pub dir: PathBuf,
@@ -44,17 +66,14 @@ pub struct PgCluster {
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        Self::start_with(|_| (String::new(), String::new()))
+    }
+
+    /// A cluster whose data directory `setup` prepares after initdb: it returns settings to
+    /// append to postgresql.conf and, when not empty, the whole pg_hba.conf.
+    pub fn start_with(setup: impl FnOnce(&Path) -> (String, String)) -> PgCluster {
         let bin = PathBuf::from(env_or("STACK_PG_BIN", "/usr/lib/postgresql/15/bin"));
-        let dir = std::env::temp_dir().join(unique_name("relay_pg"));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
-        if is_root() {
-            let ok = Command::new("chown")
-                .arg("postgres:")
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(ok.success(), "chown the cluster dir to postgres");
-        }
+        let dir = Self::new_dir();
         let data = dir.join("data");
         let out = pg_command(&bin.join("initdb"))
             .arg("-D")
@@ -79,19 +98,127 @@ impl PgCluster {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres.conf"),
         )
         .expect("scripts/postgres.conf");
+        let (own_conf, hba) = setup(&data);
+        if !hba.is_empty() {
+            std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
+        }
         let extra = format!(
             "{conf}\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             shared_preload_libraries = ''\nmax_connections = 50\nshared_buffers = 32MB\n",
+             shared_preload_libraries = ''\nmax_connections = 50\nshared_buffers = 32MB\n{own_conf}",
             dir.display()
         );
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .expect("postgresql.conf");
-        std::io::Write::write_all(&mut f, extra.as_bytes()).expect("write postgresql.conf");
+        append_conf(&data, &extra);
         let c = PgCluster { dir, port, bin };
         c.pg_ctl(&["start", "-w", "-t", "60"]);
         c
+    }
+
+    /// A fresh directory for a cluster, owned by the user Postgres runs as.
+    fn new_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(unique_name("relay_pg"));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:")
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown the cluster dir to postgres");
+        }
+        dir
+    }
+
+    /// A streaming standby of this cluster, on a port of its own: `pg_basebackup -R` (which
+    /// writes `standby.signal` and `primary_conninfo`), started and ready for read-only queries.
+    /// It keeps 1 GB of WAL (`wal_keep_size`) so a slot copied into it later still finds the WAL
+    /// it needs, and reports its slots' horizons to the primary (`hot_standby_feedback`).
+    pub fn standby(&self) -> PgCluster {
+        let dir = Self::new_dir();
+        let data = dir.join("data");
+        let out = pg_command(&self.bin.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast"])
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        append_conf(
+            &data,
+            &format!(
+                "\nport = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n\
+                 hot_standby_feedback = on\nwal_keep_size = 1GB\n",
+                dir.display()
+            ),
+        );
+        let c = PgCluster {
+            dir,
+            port,
+            bin: self.bin.clone(),
+        };
+        c.pg_ctl(&["start", "-w", "-t", "60"]);
+        c
+    }
+
+    /// `pg_ctl promote`: the standby ends recovery and starts a new timeline. Waits until it
+    /// accepts writes.
+    pub fn promote(&self) {
+        let out = pg_command(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["promote", "-w", "-t", "60"])
+            .output()
+            .expect("run pg_ctl promote");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Copies the stopped cluster's data directory aside (as a disk snapshot would) and returns
+    /// where the copy is.
+    pub fn copy_data(&self) -> PathBuf {
+        let copy = self.dir.join(unique_name("data_copy"));
+        self.run_as_postgres("cp", &[&self.dir.join("data"), &copy], "-a");
+        copy
+    }
+
+    /// Replaces the stopped cluster's data directory with `copy` (from [`Self::copy_data`]), as
+    /// restoring a disk snapshot would: same system identifier, same timeline, older WAL.
+    pub fn put_back_data(&self, copy: &Path) {
+        let data = self.dir.join("data");
+        self.run_as_postgres("rm", &[&data], "-rf");
+        self.run_as_postgres("mv", &[copy, &data], "-T");
+    }
+
+    fn run_as_postgres(&self, program: &str, paths: &[&Path], flag: &str) {
+        let out = pg_command(Path::new(program))
+            .arg(flag)
+            .args(paths)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {paths:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Copies the replication slot `slot` from `primary`'s data directory into this (stopped)
+    /// cluster's, as failover tooling does for logical slots before Postgres 17 (Postgres 15
+    /// neither replicates slots nor creates logical ones on a standby). The slot is loaded when
+    /// the cluster starts. Its state on disk is the primary's at its last checkpoint.
+    pub fn copy_slot_from(&self, primary: &PgCluster, slot: &str) {
+        let from = primary.dir.join("data").join("pg_replslot").join(slot);
+        let to = self.dir.join("data").join("pg_replslot");
+        self.run_as_postgres("cp", &[&from, &to], "-a");
     }
 
     fn pg_ctl(&self, args: &[&str]) {
@@ -146,6 +273,15 @@ impl PgCluster {
         self.pg_ctl(&["stop", "-m", mode, "-w"]);
         self.pg_ctl(&["start", "-w", "-t", "60"]);
     }
+}
+
+/// Appends `text` to the cluster's postgresql.conf.
+fn append_conf(data: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .expect("postgresql.conf");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write postgresql.conf");
 }
 
 impl Drop for PgCluster {
@@ -271,6 +407,11 @@ impl KafkaBroker {
         self.launch();
     }
 
+    /// Starts a stopped broker again on the same data.
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             signal(c.id(), "TERM");
@@ -345,6 +486,13 @@ impl RelayProc {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends `sig` (`TERM`, `INT`...) without waiting for anything.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c.id(), sig);
+        }
     }
 
     /// SIGKILL: the relay gets no chance to finish anything.

@@ -12,8 +12,10 @@ use super::error::ReplicationError;
 pub enum SslMode {
     /// Plain TCP.
     Disable,
-    /// Ask for TLS; continue in plain text if the server declines. The certificate is not
-    /// verified (encryption against passive eavesdroppers only), as in libpq.
+    /// Ask for TLS; continue in plain text if the server declines. As in libpq, a connection
+    /// that fails once encrypted (handshake, or the server refusing the login over TLS) is tried
+    /// once more without TLS, and the certificate is not verified (encryption against passive
+    /// eavesdroppers only).
     #[default]
     Prefer,
     /// TLS or fail, but without verifying the certificate: libpq's `require` (encrypt, don't
@@ -42,7 +44,9 @@ impl FromStr for SslMode {
     }
 }
 
-/// Connection settings of a replication connection.
+/// Connection settings of a Postgres connection: the replication connection
+/// ([`super::ReplicationClient::connect`]) and the SQL connections ([`super::connect_sql`]) take
+/// the same settings, parsed by [`ReplicationConfig::from_url`], with the same TLS.
 ///
 /// `Debug` prints the password as `<redacted>`, so the whole config may be logged.
 #[derive(Clone, PartialEq, Eq)]
