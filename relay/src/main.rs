@@ -226,6 +226,15 @@ impl Daemon {
         })
     }
 
+    /// The metrics, health and shutdown handles a relay runs with.
+    fn handles(&self) -> (Metrics, Health, Shutdown) {
+        (
+            self.metrics.clone(),
+            self.health.clone(),
+            self.shutdown.clone(),
+        )
+    }
+
     async fn stop(self) {
         self.shutdown.trigger();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server.task).await;
@@ -371,13 +380,8 @@ async fn run_poll(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let settings = relay::poll::PollSettings::from_config(&cfg);
     let daemon = Daemon::start(&cfg).await?;
     let backstop = daemon.shutdown.backstop(cfg.shutdown.timeout);
-    let result = relay::poll::run(
-        settings,
-        daemon.metrics.clone(),
-        daemon.health.clone(),
-        daemon.shutdown.clone(),
-    )
-    .await;
+    let (metrics, health, shutdown) = daemon.handles();
+    let result = relay::poll::run(settings, metrics, health, shutdown).await;
     backstop.abort();
     daemon.stop().await;
     Ok(exit_after(result.map_err(|e| {
