@@ -31,9 +31,9 @@
 //! the horizon, hence above every row read so far, so the cursor has not passed it. A row can
 //! therefore never appear behind the cursor. The rows of one transaction become visible together
 //! (its commit is atomic), so the tie-break on `id` within one `txid` is safe too.
-//! All of this rests on `txid` being the writing transaction's own id: a writer that sets the
-//! column explicitly (a copy from another table, a restored dump) must set it no higher than
-//! its own `pg_current_xact_id()`, or its rows can be read before older ones still running.
+//! All of this rests on `txid` being the writing transaction's own id (the column default):
+//! a writer must not set it. A lower value (a copy from another table, a restored dump) can fall
+//! behind the cursor and never be read; a higher one waits until the server's ids reach it.
 //!
 //! **Across a Postgres restart** nothing changes: the cursor lives in Kafka (the checkpoint of the
 //! last committed Kafka transaction), not in Postgres; transactions that were running at the crash
