@@ -10,6 +10,8 @@
 --                       pg_logical_emit_message, which every role may call.)
 --   SELECT on outbox    the polling relay and a lost-slot backfill read the table (the CDC
 --                       relay itself streams it through the publication).
+--   DELETE on outbox    only for the polling relay's janitor (poll.janitor = true), which is
+--                       off by default: grant it by hand where the janitor runs.
 --   the publication     created by the migrations (`relay migrate`, run by an administrator
 --                       who owns the outbox table), not by the relay.
 
