@@ -166,7 +166,10 @@ async fn prometheus_alerts(addr: &str) -> BTreeMap<String, String> {
     let Ok((200, body)) = crate::http_get(addr, "/api/v1/alerts").await else {
         return out;
     };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+    let Some(v) = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .or_else(|| serde_json::from_str(&dechunk(&body)?).ok())
+    else {
         return out;
     };
     for a in v["data"]["alerts"].as_array().into_iter().flatten() {
@@ -181,6 +184,22 @@ async fn prometheus_alerts(addr: &str) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (Prometheus answers larger bodies that
+/// way): hexadecimal size lines, each followed by that many bytes. `None` if it is not one.
+fn dechunk(body: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, tail) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(tail.get(..size)?);
+        rest = tail.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Every event id in `topic` (read_committed, from the beginning to the end).
@@ -244,19 +263,23 @@ pub async fn stall_slot(o: Opts) -> Result<()> {
         .query_one("SHOW max_slot_wal_keep_size", &[])
         .await?
         .get(0);
+    // ALTER SYSTEM cannot run in a transaction block: one statement per call.
     admin
         .batch_execute(&format!(
-            "ALTER SYSTEM SET max_slot_wal_keep_size = '{}MB'; SELECT pg_reload_conf();",
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '{}MB'",
             o.keep_mb
         ))
-        .await?;
+        .await
+        .context("ALTER SYSTEM SET max_slot_wal_keep_size (the drill needs a superuser)")?;
+    admin.batch_execute("SELECT pg_reload_conf()").await?;
     let result = run(&o, &admin, &db, &url, &slot, &prefix).await;
     // Put the stack back as it was, whatever happened.
     let _ = admin
         .batch_execute(&format!(
-            "ALTER SYSTEM SET max_slot_wal_keep_size = '{old_keep}'; SELECT pg_reload_conf();"
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '{old_keep}'"
         ))
         .await;
+    let _ = admin.batch_execute("SELECT pg_reload_conf()").await;
     let _ = admin
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
@@ -689,6 +712,16 @@ fn svg(tl: &Timeline, keep_mb: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(dechunk("{\"a\":1}"), None);
+        assert_eq!(dechunk("ff\r\nshort"), None);
+    }
 
     #[test]
     fn rules_are_scaled_for_the_drill() {
