@@ -16,6 +16,8 @@
 //! Kafka, the relay and the writers (2 cores here): read the figures as ratios and orders of
 //! magnitude, not as absolute throughput of a dedicated deployment.
 
+mod drill;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rdkafka::config::ClientConfig;
@@ -56,6 +58,40 @@ enum Cmd {
         /// Payload bytes per event (JSON).
         #[arg(long, default_value_t = 300)]
         payload_bytes: usize,
+    },
+    /// Operational drills against the local stack.
+    Drill {
+        #[command(subcommand)]
+        drill: Drill,
+    },
+}
+
+#[derive(Subcommand)]
+enum Drill {
+    /// The stall-consumer drill: freeze relay cdc while writers write; a real Prometheus with
+    /// alerts/ fires the slot alerts; the slot goes unreserved, then lost at
+    /// max_slot_wal_keep_size (lowered for the drill, restored after) while pg_wal stays
+    /// bounded; the relay refuses the lost slot, recovers it from the table, and every event is
+    /// counted. Writes bench/out/drill-stall-slot.{json,svg}.
+    StallSlot {
+        /// The relay binary (cargo build --release -p relay).
+        #[arg(long, default_value = "target/release/relay")]
+        relay_bin: PathBuf,
+        /// The Prometheus server (Debian's `prometheus` package).
+        #[arg(long, default_value = "/usr/bin/prometheus")]
+        prometheus_bin: PathBuf,
+        /// max_slot_wal_keep_size during the drill, MB.
+        #[arg(long, default_value_t = 128)]
+        keep_mb: u64,
+        /// Filler WAL per second (another table's writes), MB.
+        #[arg(long, default_value_t = 4)]
+        filler_mb_per_s: u64,
+        /// Outbox events per second.
+        #[arg(long, default_value_t = 50)]
+        events_per_s: u64,
+        /// Give up waiting for the invalidation after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        max_stall_s: u64,
     },
 }
 
@@ -357,13 +393,36 @@ impl RelayRun {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let Cmd::Cdc {
-        rates,
-        seconds,
-        writers,
-        relay_bin,
-        payload_bytes,
-    } = cli.command;
+    let (rates, seconds, writers, relay_bin, payload_bytes) = match cli.command {
+        Cmd::Cdc {
+            rates,
+            seconds,
+            writers,
+            relay_bin,
+            payload_bytes,
+        } => (rates, seconds, writers, relay_bin, payload_bytes),
+        Cmd::Drill {
+            drill:
+                Drill::StallSlot {
+                    relay_bin,
+                    prometheus_bin,
+                    keep_mb,
+                    filler_mb_per_s,
+                    events_per_s,
+                    max_stall_s,
+                },
+        } => {
+            return drill::stall_slot(drill::Opts {
+                relay_bin,
+                prometheus_bin,
+                keep_mb,
+                filler_mb_per_s,
+                events_per_s,
+                max_stall: Duration::from_secs(max_stall_s),
+            })
+            .await;
+        }
+    };
     std::fs::create_dir_all("bench/out")?;
     let duration = Duration::from_secs(seconds);
     let db = format!("bench_{:08x}", rand::random::<u32>());
