@@ -178,6 +178,43 @@ async fn the_poll_query_orders_by_txid_as_a_number() {
     assert_eq!(txids, ["9", "10", "99", "100"], "{read:?}");
 }
 
+/// The value of the sample `name_and_labels` on the relay's /metrics, or `None` while the
+/// endpoint is not up yet.
+async fn metric(env: &RelayEnv, name_and_labels: &str) -> Option<f64> {
+    let listen = env
+        .vars
+        .iter()
+        .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("http.listen set");
+    tokio::net::TcpStream::connect(&listen).await.ok()?;
+    sample(&Harness::metrics(env).await, name_and_labels)
+}
+
+/// Rows the polling relay has committed to Kafka.
+const POLL_ROWS: &str = r#"relay_events_total{kind="row",relay="poll"}"#;
+
+/// Waits until `name_and_labels` reaches `at_least` (the relay must stay up meanwhile).
+async fn wait_for_metric(
+    env: &RelayEnv,
+    relay: &mut RelayProc,
+    name_and_labels: &str,
+    at_least: f64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(env, name_and_labels).await < Some(at_least) {
+        if let Some(st) = relay.try_status() {
+            panic!("relay exited ({st}):\n{}", relay.log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name_and_labels} below {at_least} after 30 s:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Inserts one row for aggregate `agg` of type `order` with payload `{"seq": seq}`.
 async fn insert(c: &impl tokio_postgres::GenericClient, agg: &str, seq: i64) {
     c.execute(
@@ -215,24 +252,14 @@ async fn a_transaction_committing_out_of_id_order_is_not_skipped() {
         let agg = format!("later-{}", n % 4);
         insert(&c, &agg, i64::from(n / 4 + 1)).await;
     }
-    // The relay is up once the rows committed before are in Kafka (or some of them).
-    let topic = format!("{}.order", p.h.prefix);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kafka::read_all_from(&p.h.bootstrap, &topic, Isolation::ReadCommitted)
+    // The relay is up once it has committed a row of those before; then it polls at least 10
+    // times while the transaction is open.
+    wait_for_metric(&env, &mut relay, POLL_ROWS, 1.0).await;
+    let start = metric(&env, "relay_poll_queries_total")
         .await
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "{}", relay.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // It polls at least 10 times while the transaction is open.
-    let polls_at = |text: &str| sample(text, "relay_poll_queries_total").unwrap_or(0.0);
-    let start = polls_at(&Harness::metrics(&env).await);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while polls_at(&Harness::metrics(&env).await) < start + 10.0 {
-        assert!(Instant::now() < deadline, "{}", relay.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .unwrap_or(0.0);
+    wait_for_metric(&env, &mut relay, "relay_poll_queries_total", start + 10.0).await;
+    let topic = format!("{}.order", p.h.prefix);
     let delivered_while_open =
         kafka::read_all_from(&p.h.bootstrap, &topic, Isolation::ReadCommitted).await;
     assert!(
@@ -438,46 +465,16 @@ async fn a_notify_wakes_the_poller() {
     let mut relay = p.spawn_with(&env);
     // Rows are written once the relay has polled (and so listens): a row committed before the
     // LISTEN and kept above the horizon by another test's transaction would wait for the minute.
-    let listen = env
-        .vars
-        .iter()
-        .find(|(k, _)| k == "RELAY_HTTP__LISTEN")
-        .map(|(_, v)| v.clone())
-        .expect("http.listen set");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if tokio::net::TcpStream::connect(&listen).await.is_ok()
-            && sample(&Harness::metrics(&env).await, "relay_poll_queries_total") >= Some(1.0)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", relay.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_metric(&env, &mut relay, "relay_poll_queries_total", 1.0).await;
     let mut c = p.h.client().await;
-    let topic = format!("{}.order", p.h.prefix);
     for seq in 1..=3 {
         let tx = c.transaction().await.unwrap();
         insert(&tx, "woken", seq).await;
         tx.batch_execute("NOTIFY outbox_wake").await.unwrap();
         tx.commit().await.unwrap();
-        // Each row arrives long before the minute-long pause is over: the NOTIFY woke the poll.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let n = kafka::read_all_from(&p.h.bootstrap, &topic, Isolation::ReadCommitted)
-                .await
-                .len();
-            if n == seq as usize {
-                break;
-            }
-            assert!(n < seq as usize, "{n} records for {seq} rows");
-            assert!(
-                Instant::now() < deadline,
-                "row {seq} not delivered within 30 s:\n{}",
-                relay.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // Each row is in Kafka within 30 s, long before the minute-long pause is over: the
+        // NOTIFY woke the poll.
+        wait_for_metric(&env, &mut relay, POLL_ROWS, seq as f64).await;
     }
     let log = relay.log.clone();
     let t = p.settle(&mut relay, &LoadState::default(), &[log]).await;
