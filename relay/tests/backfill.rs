@@ -50,7 +50,7 @@ async fn the_first_start_publishes_the_rows_written_before_it_once() {
 }
 
 /// A relay killed in the middle of its backfill resumes it from the checkpointed cursor, with
-/// the same snapshot: 20,000 rows written before the first start arrive once each.
+/// the same snapshot: 50,000 rows written before the first start arrive once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backfill_killed_midway_resumes_and_publishes_each_row_once() {
     let db = TestDb::create().await;
@@ -60,38 +60,58 @@ async fn a_backfill_killed_midway_resumes_and_publishes_each_row_once() {
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
          SELECT gen_random_uuid(), 'order', 'o-' || (g % 50), 'Placed', \
                 jsonb_build_object('seq', g, 'pad', repeat('x', 200)) \
-         FROM generate_series(1, 20000) g",
+         FROM generate_series(1, 50000) g",
     )
     .await
     .unwrap();
     let mut env = h.env();
     env.set("RELAY_BATCH__MAX_EVENTS", "1000");
     let mut relay = crate::support::process::RelayProc::spawn(&["cdc"], &env);
-    // Kill it once part of the backfill is in Kafka.
+    // Kill it once part of the backfill is committed to Kafka (the relay's own counter, counted
+    // at commit: reading a topic the relay is still creating can hit a partition without a
+    // leader yet).
     let topic = format!("{}.order", h.prefix);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let n = kafka::read_all(&topic, Isolation::ReadCommitted)
-            .await
-            .len();
-        if n > 0 {
-            assert!(n < 20_000, "the backfill finished before the kill ({n})");
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             std::time::Instant::now() < deadline,
             "no backfill progress:\n{}",
             relay.log_text()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Not listening yet right after the spawn: ask again.
+        let addr = Harness::http_listen(&env);
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            continue;
+        }
+        let m = Harness::metrics(&env).await;
+        let n =
+            crate::cdc::sample(&m, "relay_events_total{kind=\"row\",relay=\"cdc\"}").unwrap_or(0.0);
+        if n > 0.0 {
+            assert!(n < 50_000.0, "the backfill finished before the kill ({n})");
+            break;
+        }
     }
     relay.kill9();
     let mut relay = crate::support::process::RelayProc::spawn(&["cdc"], &env);
+    // The slot's position says nothing about the backfill (the slot was made after the rows):
+    // wait for the rows themselves, then for the stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while kafka::read_all(&topic, Isolation::ReadCommitted)
+        .await
+        .len()
+        < 50_000
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill did not finish:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
-    assert!(relay
-        .terminate(Duration::from_secs(20))
-        .expect("exit")
-        .success());
+    let st = relay.terminate(Duration::from_secs(20)).expect("exit");
+    assert!(st.success(), "{st}:\n{}", relay.log_text());
     let records = kafka::read_all(&topic, Isolation::ReadCommitted).await;
     let mut copies: HashMap<String, usize> = HashMap::new();
     for r in &records {
@@ -110,7 +130,7 @@ async fn a_backfill_killed_midway_resumes_and_publishes_each_row_once() {
     let dup = copies.values().filter(|n| **n > 1).count();
     assert_eq!(
         (lost, dup, records.len()),
-        (0, 0, 20_000),
+        (0, 0, 50_000),
         "lost, duplicated, records"
     );
     // Per key, the seq order of the rows is kept (the backfill publishes in id order).
