@@ -57,6 +57,19 @@ impl Proc {
             .status();
     }
 
+    /// [`Proc::wait_exit`] for async code: polls without blocking the executor.
+    async fn exited(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// Blocking: for `Drop` only.
     fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -494,7 +507,7 @@ async fn run(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     relay.signal("CONT");
-    let refused = relay.wait_exit(Duration::from_secs(60));
+    let refused = relay.exited(Duration::from_secs(60)).await;
     println!("relay cdc resumed; it exited with {refused:?} (3: refused the lost slot)");
 
     // Recovery.
@@ -536,7 +549,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     recovered.signal("TERM");
-    let _ = recovered.wait_exit(Duration::from_secs(30));
+    let _ = recovered.exited(Duration::from_secs(30)).await;
 
     // Count.
     let c = crate::connect(url).await?;

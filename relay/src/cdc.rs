@@ -520,32 +520,25 @@ impl<'a> Session<'a> {
         slot_confirmed: Lsn,
     ) -> Result<(), CdcError> {
         let s = self.s;
-        if let Some(delivered) = self.recovering.take() {
-            if self.s.columns != ColumnSet::Native {
-                tracing::warn!("lost-slot recovery needs the native outbox schema (its txid column); the rows of the gap are not published: re-publish them by hand (RUNBOOK, 'Lost slot')");
-                return Ok(());
-            }
+        // (what the table backfill skips, is it a recovery) — or nothing to start.
+        let start = if let Some(delivered) = self.recovering.take() {
             if delivered.is_none() {
                 tracing::warn!("the checkpoint records no delivered snapshot (heartbeats off, or written by an older relay): every row of the outbox table is published again; consumers deduplicate on event_id");
             }
-            let snapshot =
-                crate::slot_watch::one_value(sql, "SELECT pg_current_snapshot()::text").await?;
-            let cp = pipe.committed_mut();
-            cp.commit_lsn = slot_confirmed.0;
-            cp.end_lsn = slot_confirmed.0;
-            cp.backfill = Some(checkpoint::Backfill {
-                snapshot,
-                delivered,
-                recovery: true,
-                ..Default::default()
-            });
-        } else if !resumed {
-            if s.initial_backfill == crate::config::InitialBackfill::None {
-                tracing::info!("cdc.initial_backfill = none: rows the outbox held before the slot are not published");
-                return Ok(());
-            }
-            if self.s.columns != ColumnSet::Native {
-                tracing::warn!("the first start's backfill needs the native outbox schema (its txid column); rows the outbox held before the slot are not published");
+            Some((delivered, true))
+        } else if !resumed && s.initial_backfill == crate::config::InitialBackfill::None {
+            tracing::info!("cdc.initial_backfill = none: rows the outbox held before the slot are not published");
+            None
+        } else {
+            (!resumed).then_some((None, false))
+        };
+        if let Some((delivered, recovery)) = start {
+            if s.columns != ColumnSet::Native {
+                tracing::warn!(
+                    recovery,
+                    "publishing outbox rows from the table needs the native schema (its txid column); \
+                     rows the slot cannot see are not published: re-publish them by hand (RUNBOOK, 'Lost slot')"
+                );
                 return Ok(());
             }
             let snapshot =
@@ -557,6 +550,8 @@ impl<'a> Session<'a> {
             cp.end_lsn = slot_confirmed.0;
             cp.backfill = Some(checkpoint::Backfill {
                 snapshot,
+                delivered,
+                recovery,
                 ..Default::default()
             });
         }
@@ -979,7 +974,13 @@ impl<'a> Session<'a> {
                 };
                 let cols = &ins.new.columns;
                 if let (Some(snap), Some(i)) = (&self.backfilled, layout.txid) {
-                    let txid = text_column(cols, i).and_then(|t| t.parse::<u64>().ok());
+                    // Per event: parse the column's bytes in place, no allocation.
+                    let txid = match cols.get(i) {
+                        Some(Column::Text(b)) => std::str::from_utf8(b)
+                            .ok()
+                            .and_then(|t| t.parse::<u64>().ok()),
+                        _ => None,
+                    };
                     if txid.is_some_and(|t| snap.visible(t)) {
                         // Published by the backfill already.
                         self.metrics

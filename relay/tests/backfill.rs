@@ -175,30 +175,7 @@ async fn a_lost_slot_is_recovered_from_the_table_without_loss() {
         .success());
     // The gap: rows committed while the relay is stopped, then WAL past the cap.
     let gap = [insert_event(&c, "r-2").await, insert_event(&c, "r-1").await];
-    c.batch_execute("CREATE TABLE filler (x text)")
-        .await
-        .unwrap();
-    let mut status = String::new();
-    for _ in 0..10 {
-        c.batch_execute(
-            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000); \
-             SELECT pg_switch_wal(); CHECKPOINT;",
-        )
-        .await
-        .unwrap();
-        status = c
-            .query_one(
-                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
-                &[&h.slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if status == "lost" {
-            break;
-        }
-    }
-    assert_eq!(status, "lost", "premise: Postgres invalidated the slot");
+    h.invalidate_slot(&c).await;
     h.expect_refusal(3, "was invalidated (wal_status = lost)");
 
     let mut env = h.env();

@@ -103,6 +103,35 @@ impl Harness {
         out
     }
 
+    /// Writes WAL past a small `max_slot_wal_keep_size` and checkpoints until Postgres
+    /// invalidates the slot (`wal_status = lost`), as it does to a stalled slot for real.
+    pub(crate) async fn invalidate_slot(&self, c: &tokio_postgres::Client) {
+        c.batch_execute("CREATE TABLE IF NOT EXISTS filler (x text)")
+            .await
+            .unwrap();
+        let mut status = String::new();
+        for _ in 0..10 {
+            c.batch_execute(
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000); \
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+            status = c
+                .query_one(
+                    "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if status == "lost" {
+                break;
+            }
+        }
+        assert_eq!(status, "lost", "premise: Postgres invalidated the slot");
+    }
+
     pub(crate) fn topics(&self) -> Vec<String> {
         AGGREGATE_TYPES
             .iter()

@@ -89,7 +89,12 @@ pub struct KafkaBackend {
 /// producer reads the topic's `max.message.bytes` and poisons only a record that is too large on
 /// its own (see `KafkaBackend::resolve_suspects`).
 #[derive(Clone, Debug, Default)]
-pub struct Poison(Arc<Mutex<PoisonState>>);
+pub struct Poison {
+    state: Arc<Mutex<PoisonState>>,
+    /// Whether either map holds anything: read once per record on the sink thread without
+    /// taking the lock (nearly always false).
+    any: Arc<std::sync::atomic::AtomicBool>,
+}
 
 #[derive(Debug, Default)]
 struct PoisonState {
@@ -113,7 +118,18 @@ impl Poison {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoisonState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refreshes `any` from `st` (called with the lock held, after every change).
+    fn mark(&self, st: &PoisonState) {
+        let any = !st.refused.is_empty() || !st.suspects.is_empty();
+        self.any.store(any, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether any record waits to be refused or decided (cheap: no lock).
+    fn any(&self) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Acquire)
     }
 
     // Both maps are bounded: poison records are rare; a flood of them is a broken setup that
@@ -123,6 +139,7 @@ impl Poison {
         if st.refused.len() < 100_000 {
             st.refused.insert(id, (reason, class, keep_value));
         }
+        self.mark(&st);
     }
 
     fn suspect(&self, id: u64, topic: &str, size: usize) {
@@ -130,10 +147,14 @@ impl Poison {
         if st.suspects.len() < 100_000 {
             st.suspects.insert(id, (topic.to_owned(), size));
         }
+        self.mark(&st);
     }
 
     fn take(&self, id: u64) -> Option<Refusal> {
-        self.lock().refused.remove(&id)
+        let mut st = self.lock();
+        let r = st.refused.remove(&id);
+        self.mark(&st);
+        r
     }
 
     /// The suspects of `topic`, removed from the set.
@@ -145,9 +166,12 @@ impl Poison {
             .filter(|(_, (t, _))| t == topic)
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter()
+        let taken = ids
+            .into_iter()
             .filter_map(|id| st.suspects.remove(&id).map(|(_, size)| (id, size)))
-            .collect()
+            .collect();
+        self.mark(&st);
+        taken
     }
 
     fn has_suspects(&self) -> bool {
@@ -798,10 +822,11 @@ impl Backend for KafkaBackend {
                 record: Returned(Some(Box::new(r))),
             });
         }
-        if self.poison.has_suspects() {
+        // Nearly always false: one atomic load per record, the lock only when something waits.
+        if self.poison.any() && self.poison.has_suspects() {
             self.resolve_suspects(&r.topic)?;
         }
-        if !self.poison.is_empty() {
+        if self.poison.any() && !self.poison.is_empty() {
             let event_id = r
                 .headers
                 .iter()
