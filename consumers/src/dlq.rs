@@ -24,7 +24,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::handler::HandlerError;
+use crate::error::HandlerError;
 use crate::record::Record;
 
 /// DLQ header names.

@@ -16,7 +16,8 @@
 //!     │                        and version guard SQL
 //!  dlq  gateway                DLQ records, list/show/redrive; the fake payment gateway
 //!     │                        (server and client)
-//!  config  fault  metrics      settings and defences; drill fault points; Prometheus
+//!  error  config  fault        HandlerError and its class; settings and defences; drill fault
+//!  metrics                     points; Prometheus
 //! ```
 //!
 //! The envelope (headers `event_id`, `event_type`, ...) is the relay's (`relay::outbox`).
@@ -24,6 +25,7 @@
 pub mod config;
 pub mod dlq;
 pub mod downstream;
+pub mod error;
 pub mod fault;
 pub mod gateway;
 pub mod handler;

@@ -152,11 +152,11 @@ impl Metrics {
         }
     }
 
-    pub fn failure(&self, class: crate::handler::ErrorClass) {
+    pub fn failure(&self, class: crate::error::ErrorClass) {
         self.failures.with_label_values(&[class.as_str()]).inc();
     }
 
-    pub fn failures(&self, class: crate::handler::ErrorClass) -> u64 {
+    pub fn failures(&self, class: crate::error::ErrorClass) -> u64 {
         self.failures.with_label_values(&[class.as_str()]).get()
     }
 

@@ -7,7 +7,7 @@
 use rdkafka::message::{Headers, Message};
 use serde::de::DeserializeOwned;
 
-use crate::handler::HandlerError;
+use crate::error::HandlerError;
 
 /// One consumed record, owned, so it can travel from the poll thread to a partition's worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,7 +150,7 @@ mod tests {
         );
         let r = rec(vec![], Some(b"[1,"));
         let e = r.json::<serde_json::Value>().unwrap_err();
-        assert_eq!(e.class, crate::handler::ErrorClass::Permanent);
+        assert_eq!(e.class, crate::error::ErrorClass::Permanent);
         assert!(e.message.contains("Value"));
     }
 }

@@ -9,7 +9,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 
 use super::{Charge, ChargeRequest, Summary};
-use crate::handler::HandlerError;
+use crate::error::HandlerError;
 
 /// Responses larger than this are refused (the gateway's are a few hundred bytes; the log and
 /// ledger listings are larger and read with [`GatewayClient::get_json`]).
