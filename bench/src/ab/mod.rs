@@ -327,9 +327,13 @@ async fn run_in(
         say(&bar, report::phase_line(&p));
         phases.push(p);
         bar.inc(1);
+        // A partial report after every phase: a run that fails late keeps what it measured.
+        report::Report::build(&o, machine.clone(), started, phases.clone(), vec![])
+            .write(&o.out)?;
     }
-    // The ceiling: per contender, ×factor until it falls behind (or the writers cannot keep the
-    // rate, which is then Postgres's limit, not the relay's).
+    // The ceiling: per contender, ×factor until it falls behind, or until the writers cannot
+    // commit the rate with it attached: then Postgres on this machine is the limit, not the relay
+    // (its own CPU and the walsender's may be part of why, which the cost table shows).
     let mut ceilings = Vec::new();
     if o.ceiling {
         let alone = PhaseSpec {
@@ -373,7 +377,7 @@ async fn run_in(
                     break;
                 }
                 if writers_short {
-                    why = format!("writers could not commit {rate}/s (Postgres's limit here)");
+                    why = format!("writers could not commit {rate}/s with it attached");
                     break;
                 }
                 last_ok = Some(rate);

@@ -578,7 +578,7 @@ impl Report {
                 m,
                 "- `{c}`: {}",
                 if s.is_empty() {
-                    "the relay's defaults (own namespace, slot, transactional id)".to_owned()
+                    "the relay's defaults (besides its own namespace, transactional id and, for cdc, a fresh slot)".to_owned()
                 } else {
                     format!("`{}`, otherwise defaults", s.join(" "))
                 }
