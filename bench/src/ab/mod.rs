@@ -301,6 +301,8 @@ async fn run_in(
         .context("pg_stat_statements (shared_preload_libraries must list it; scripts/postgres.conf does)")?;
     let work_dir = opts.out.join("logs");
     std::fs::create_dir_all(&work_dir)?;
+    // The relays' logs are for debugging a run, not part of a report committed under docs/.
+    std::fs::write(work_dir.join(".gitignore"), "*\n")?;
     let mut ctx = Ctx {
         bootstrap: opts.bootstrap.clone().unwrap_or_else(bootstrap),
         kafka_pid: opts.kafka_pid.or_else(kafka_pid),

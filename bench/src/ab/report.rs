@@ -681,3 +681,29 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_quantiles_come_from_the_stage_histogram() {
+        let m = "\
+# TYPE relay_stage_seconds histogram
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"received\",le=\"0.01\"} 50
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"received\",le=\"0.1\"} 100
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"received\",le=\"+Inf\"} 100
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"committed\",le=\"0.1\"} 0
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"committed\",le=\"1\"} 10
+relay_stage_seconds_bucket{relay=\"cdc\",stage=\"committed\",le=\"+Inf\"} 10
+relay_stage_seconds_sum{relay=\"cdc\",stage=\"received\"} 1
+";
+        let q = stage_quantiles(m);
+        let (p50, p99) = q["received"];
+        assert!((p50 - 10.0).abs() < 1e-6, "{p50}");
+        assert!(p99 > 10.0 && p99 <= 100.0, "{p99}");
+        assert!(q["committed"].0 > 100.0, "{q:?}");
+        assert!(!q.contains_key("produced"));
+        assert!(stage_quantiles("garbage {{{ le=\"x\"").is_empty());
+    }
+}
