@@ -16,7 +16,9 @@
 //! Kafka, the relay and the writers (2 cores here): read the figures as ratios and orders of
 //! magnitude, not as absolute throughput of a dedicated deployment.
 
+mod ab;
 mod drill;
+mod support;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -26,8 +28,10 @@ use rdkafka::message::{Headers, Message};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_postgres::NoTls;
+use std::time::{Duration, Instant};
+use support::{
+    bootstrap, connect, histogram_quantile, http_get, now_us, percentile, pg_url, proc_usage,
+};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +63,9 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         payload_bytes: usize,
     },
+    /// The relays side by side (one attached at a time): latency, loss and what each costs the
+    /// database, per rate; writes report.json, report.md and SVG plots under --out.
+    Ab(Box<ab::Opts>),
     /// Operational drills against the local stack.
     Drill {
         #[command(subcommand)]
@@ -93,40 +100,6 @@ enum Drill {
         #[arg(long, default_value_t = 300)]
         max_stall_s: u64,
     },
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn pg_url(db: &str) -> String {
-    format!(
-        "postgres://{}@{}:{}/{db}",
-        env_or("STACK_PG_USER", "postgres"),
-        env_or("STACK_PG_HOST", "127.0.0.1"),
-        env_or("STACK_PG_PORT", "55432")
-    )
-}
-
-fn bootstrap() -> String {
-    env_or("STACK_KAFKA_BOOTSTRAP", "127.0.0.1:59092")
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (c, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connect {url}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
 }
 
 /// Writers committing single-row outbox transactions, paced at `rate` (0: unthrottled).
@@ -240,91 +213,6 @@ impl LatencyReader {
     }
 }
 
-fn percentile(sorted: &[i64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
-}
-
-/// CPU seconds (user + system) and peak RSS (bytes) of a process, from /proc.
-fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state(0) ... utime(11) stime(12), in clock ticks (100/s on Linux).
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())?;
-    Some((ticks / 100.0, hwm_kb * 1024))
-}
-
-/// `relay_commit_to_kafka_seconds` quantile estimate from the relay's /metrics histogram.
-fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
-    let mut buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}_bucket")) && l.contains("relay=\"cdc\""))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let v: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, v))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut prev = (0.0, 0.0);
-    for &(le, c) in &buckets {
-        if c >= rank {
-            if le.is_infinite() {
-                return Some(prev.0);
-            }
-            let frac = if c > prev.1 {
-                (rank - prev.1) / (c - prev.1)
-            } else {
-                1.0
-            };
-            return Some(prev.0 + (le - prev.0) * frac);
-        }
-        prev = (le, c);
-    }
-    None
-}
-
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
 struct RelayRun {
     child: std::process::Child,
     http: String,
@@ -390,6 +278,9 @@ impl RelayRun {
     }
 }
 
+/// The label of the CDC relay's series in its /metrics.
+const CDC: &[&str] = &["relay=\"cdc\""];
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -401,6 +292,7 @@ async fn main() -> Result<()> {
             relay_bin,
             payload_bytes,
         } => (rates, seconds, writers, relay_bin, payload_bytes),
+        Cmd::Ab(opts) => return ab::run(*opts).await,
         Cmd::Drill {
             drill:
                 Drill::StallSlot {
@@ -482,14 +374,14 @@ async fn main() -> Result<()> {
             percentile(&lat, 0.99),
             percentile(&lat, 1.0),
         );
-        let h50 =
-            histogram_quantile(&metrics, "relay_commit_to_kafka_seconds", 0.5).map(|s| s * 1000.0);
-        let h99 =
-            histogram_quantile(&metrics, "relay_commit_to_kafka_seconds", 0.99).map(|s| s * 1000.0);
-        let k50 =
-            histogram_quantile(&metrics, "relay_kafka_commit_seconds", 0.5).map(|s| s * 1000.0);
-        let k99 =
-            histogram_quantile(&metrics, "relay_kafka_commit_seconds", 0.99).map(|s| s * 1000.0);
+        let h50 = histogram_quantile(&metrics, "relay_commit_to_kafka_seconds", CDC, 0.5)
+            .map(|s| s * 1000.0);
+        let h99 = histogram_quantile(&metrics, "relay_commit_to_kafka_seconds", CDC, 0.99)
+            .map(|s| s * 1000.0);
+        let k50 = histogram_quantile(&metrics, "relay_kafka_commit_seconds", CDC, 0.5)
+            .map(|s| s * 1000.0);
+        let k99 = histogram_quantile(&metrics, "relay_kafka_commit_seconds", CDC, 0.99)
+            .map(|s| s * 1000.0);
         let cpu_per_100k = if delivered > 0 {
             (cpu1 - cpu0) / delivered as f64 * 100_000.0
         } else {
