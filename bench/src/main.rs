@@ -16,6 +16,8 @@
 //! Kafka, the relay and the writers (2 cores here): read the figures as ratios and orders of
 //! magnitude, not as absolute throughput of a dedicated deployment.
 
+mod debezium;
+mod debezium_check;
 mod drill;
 
 use anyhow::{bail, Context, Result};
@@ -58,6 +60,26 @@ enum Cmd {
         /// Payload bytes per event (JSON).
         #[arg(long, default_value_t = 300)]
         payload_bytes: usize,
+    },
+    /// Debezium (scripts/connect) on a fresh slot: writes N events, counts them under
+    /// read_committed (delivered, lost, duplicated) and times commit -> visible.
+    DebeziumCheck {
+        /// Connect's exactly-once source mode (otherwise at-least-once, Connect's defaults).
+        #[arg(long)]
+        exactly_once: bool,
+        /// Debezium's poll.interval.ms (default: Debezium's own, 500).
+        #[arg(long)]
+        poll_interval_ms: Option<u64>,
+        #[arg(long, default_value_t = 5000)]
+        events: u64,
+        /// Events per second, all writers together (0: as fast as they can).
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 4)]
+        writers: u32,
+        /// How long to wait for the last events after the writers finished, seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
     },
     /// Operational drills against the local stack.
     Drill {
@@ -401,6 +423,24 @@ async fn main() -> Result<()> {
             relay_bin,
             payload_bytes,
         } => (rates, seconds, writers, relay_bin, payload_bytes),
+        Cmd::DebeziumCheck {
+            exactly_once,
+            poll_interval_ms,
+            events,
+            rate,
+            writers,
+            wait_s,
+        } => {
+            return debezium_check::run(debezium_check::Opts {
+                exactly_once,
+                poll_interval_ms,
+                events,
+                rate,
+                writers,
+                wait: Duration::from_secs(wait_s),
+            })
+            .await;
+        }
         Cmd::Drill {
             drill:
                 Drill::StallSlot {
