@@ -74,6 +74,15 @@ pub fn seq_of(value: &[u8]) -> Option<u64> {
     None
 }
 
+/// The 1-minute load average: on a shared 2-core machine the latency figures mean little when it
+/// is well above 2, so the check prints it beside them.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 /// Resident and peak resident memory of a process, bytes (`VmRSS`, `VmHWM`).
 fn rss(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -246,7 +255,8 @@ pub async fn run(o: Opts) -> Result<()> {
         started.elapsed().as_secs_f64(),
         work_dir.display()
     );
-    let result = measure(&o, &db, &topic, n, pid).await;
+    let csv_path = format!("bench/out/debezium-check-{id}.csv");
+    let result = measure(&o, &db, &topic, n, pid, &csv_path).await;
     let (cpu_total, _) = crate::proc_usage(pid).unwrap_or((f64::NAN, 0));
     let settings_list = run.settings();
     let stopped = run.stop().await;
@@ -279,7 +289,7 @@ pub async fn run(o: Opts) -> Result<()> {
         &path,
         serde_json::to_vec_pretty(&serde_json::Value::Object(report))?,
     )?;
-    println!("== report: {path}");
+    println!("== report: {path} (per event: {csv_path})");
     Ok(())
 }
 
@@ -290,6 +300,7 @@ async fn measure(
     topic: &str,
     n: usize,
     pid: u32,
+    csv_path: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let stop = Arc::new(AtomicBool::new(false));
     let (arrivals, reader) = start_reader(topic, n, stop.clone())?;
@@ -299,6 +310,7 @@ async fn measure(
         "== writing {} events at {}/s from {} writers",
         o.events, o.rate, o.writers
     );
+    let load0 = loadavg();
     let t0 = Instant::now();
     write(&crate::pg_url(db), o, commit.clone()).await?;
     let write_s = t0.elapsed().as_secs_f64();
@@ -337,6 +349,13 @@ async fn measure(
         lat
     };
     let lat = latencies(0);
+    // Per event, for plots and for looking into a run: seq, commit and first arrival (µs).
+    let mut csv = String::from("seq,commit_us,first_arrival_us,count\n");
+    for i in 0..n {
+        let c = commit[i].load(Ordering::Relaxed);
+        csv.push_str(&format!("{i},{c},{},{}\n", a.first[i], a.count[i]));
+    }
+    std::fs::write(csv_path, csv)?;
     // The second half alone: the JVM's JIT warms up during the first seconds of a run.
     let late = latencies(n / 2);
     let (late50, late99) = (
@@ -363,6 +382,8 @@ async fn measure(
     println!(
         "   commit -> visible (read_committed): mean {mean:.1} ms, p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
     );
+    let load1 = loadavg();
+    println!("   machine load average (1 min) before / after the writes: {load0:.1} / {load1:.1} (2 cores)");
     println!("   second half of the events only: p50 {late50:.1} ms, p99 {late99:.1} ms");
     println!(
         "   Connect JVM: {cpu:.2} CPU s over writes + drain ({:.2} s per 100,000 events), RSS {:.0} MB, peak {:.0} MB",
@@ -388,6 +409,8 @@ async fn measure(
         ("latency_max_ms", serde_json::json!(max)),
         ("second_half_p50_ms", serde_json::json!(late50)),
         ("second_half_p99_ms", serde_json::json!(late99)),
+        ("loadavg_before", serde_json::json!(load0)),
+        ("loadavg_after", serde_json::json!(load1)),
         ("jvm_cpu_s_writes_and_drain", serde_json::json!(cpu)),
         ("jvm_rss_bytes", serde_json::json!(rss_now)),
         ("jvm_peak_rss_bytes", serde_json::json!(rss_peak)),
