@@ -1,8 +1,9 @@
 //! `relay-bench debezium-check`: proves the Debezium contender end to end on the stack, and gives
 //! a first figure of its latency and of the Connect JVM's cost.
 //!
-//! A fresh database with the project's migrations, a [`DebeziumRun`] on a fresh slot, writers
-//! committing `--events` single-row outbox transactions (payload `{"seq": i, "pad": …}`, the
+//! A fresh database with the project's migrations, a [`DebeziumRun`] on a fresh slot, a warm-up
+//! (`--warmup-events`, awaited, not measured), then writers committing `--events` single-row
+//! outbox transactions (payload `{"seq": i, "pad": …}`, the
 //! commit-returned time of each recorded in µs), and a `read_committed` reader of the routed
 //! topic that finds each record's `seq` in its value. Events are counted by seq: delivered
 //! (distinct seqs seen), lost (written, never seen), duplicated (seen more than once).
@@ -25,6 +26,9 @@ pub struct Opts {
     pub exactly_once: bool,
     pub poll_interval_ms: Option<u64>,
     pub events: u64,
+    /// Events written and awaited before the measured ones (their seqs follow the measured
+    /// ones'): a fresh JVM interprets and JIT-compiles for its first tens of seconds.
+    pub warmup: u64,
     pub rate: u32,
     pub writers: u32,
     pub wait: Duration,
@@ -97,10 +101,13 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
     Some((kb("VmRSS:")?, kb("VmHWM:")?))
 }
 
-/// Per seq: how often it arrived and when it first did (µs since the epoch).
+/// Per seq: how often it arrived, when it first did (µs since the epoch), and that record's
+/// Kafka timestamp (ms; the Outbox Event Router sets it to the change event's `ts_ms`, when
+/// Debezium handled the change), which splits the latency into Debezium's part and the rest.
 struct Arrivals {
     count: Vec<u32>,
     first: Vec<i64>,
+    record_ts_ms: Vec<i64>,
     foreign: u64,
 }
 
@@ -124,6 +131,7 @@ fn start_reader(
     let arrivals = Arc::new(Mutex::new(Arrivals {
         count: vec![0; n],
         first: vec![0; n],
+        record_ts_ms: vec![0; n],
         foreign: 0,
     }));
     let a = arrivals.clone();
@@ -139,6 +147,7 @@ fn start_reader(
                 Some(s) => {
                     if a.count[s] == 0 {
                         a.first[s] = now;
+                        a.record_ts_ms[s] = m.timestamp().to_millis().unwrap_or(0);
                     }
                     a.count[s] += 1;
                 }
@@ -149,20 +158,25 @@ fn start_reader(
     Ok((arrivals, thread))
 }
 
-/// Writers committing `n` single-row transactions paced at `rate` in total; `commit[i]` is set to
-/// the time event i's COMMIT returned.
-async fn write(url: &str, o: &Opts, commit: Arc<Vec<AtomicI64>>) -> Result<()> {
+/// Writers committing one single-row transaction per seq of `seqs`, paced at `rate` in total;
+/// `commit[i]` is set to the time event i's COMMIT returned.
+async fn write(
+    url: &str,
+    o: &Opts,
+    seqs: std::ops::Range<u64>,
+    commit: Arc<Vec<AtomicI64>>,
+) -> Result<()> {
     let start = Instant::now();
     let pad = "x".repeat(240);
     let mut tasks = Vec::new();
     for w in 0..u64::from(o.writers) {
         let client = crate::connect(url).await?;
-        let (commit, pad, writers, rate, n) = (
+        let (commit, pad, writers, rate, seqs) = (
             commit.clone(),
             pad.clone(),
             u64::from(o.writers),
             o.rate,
-            o.events,
+            seqs.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let stmt = client
@@ -171,10 +185,11 @@ async fn write(url: &str, o: &Opts, commit: Arc<Vec<AtomicI64>>) -> Result<()> {
                      VALUES (gen_random_uuid(), 'BenchEvent', $1, 'BenchEvent', $2)",
                 )
                 .await?;
-            let mut i = w;
-            while i < n {
+            let mut i = seqs.start + w;
+            while i < seqs.end {
                 if rate > 0 {
-                    let due = Duration::from_secs_f64(i as f64 / f64::from(rate));
+                    let due =
+                        Duration::from_secs_f64((i - seqs.start) as f64 / f64::from(rate));
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }
@@ -303,8 +318,35 @@ async fn measure(
     csv_path: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let stop = Arc::new(AtomicBool::new(false));
-    let (arrivals, reader) = start_reader(topic, n, stop.clone())?;
-    let commit: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
+    let warmup = usize::try_from(o.warmup)?;
+    let total = n + warmup;
+    let (arrivals, reader) = start_reader(topic, total, stop.clone())?;
+    let commit: Arc<Vec<AtomicI64>> = Arc::new((0..total).map(|_| AtomicI64::new(0)).collect());
+    let distinct = |seqs: std::ops::Range<usize>| {
+        arrivals
+            .lock()
+            .map(|a| a.count[seqs].iter().filter(|&&c| c > 0).count())
+            .unwrap_or(0)
+    };
+    if warmup > 0 {
+        println!("== warm-up: {warmup} events at {}/s", o.rate);
+        let t = Instant::now();
+        write(
+            &crate::pg_url(db),
+            o,
+            o.events..o.events + o.warmup,
+            commit.clone(),
+        )
+        .await?;
+        while distinct(n..total) < warmup && t.elapsed() < o.wait + Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "   {} of {warmup} visible after {:.1} s",
+            distinct(n..total),
+            t.elapsed().as_secs_f64()
+        );
+    }
     let (cpu0, _) = crate::proc_usage(pid).unwrap_or((f64::NAN, 0));
     println!(
         "== writing {} events at {}/s from {} writers",
@@ -312,16 +354,10 @@ async fn measure(
     );
     let load0 = loadavg();
     let t0 = Instant::now();
-    write(&crate::pg_url(db), o, commit.clone()).await?;
+    write(&crate::pg_url(db), o, 0..o.events, commit.clone()).await?;
     let write_s = t0.elapsed().as_secs_f64();
-    let distinct = || {
-        arrivals
-            .lock()
-            .map(|a| a.count.iter().filter(|&&c| c > 0).count())
-            .unwrap_or(0)
-    };
     let drain = Instant::now();
-    while distinct() < n && drain.elapsed() < o.wait {
+    while distinct(0..n) < n && drain.elapsed() < o.wait {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_s = drain.elapsed().as_secs_f64();
@@ -334,9 +370,8 @@ async fn measure(
     let a = arrivals
         .lock()
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
-    let delivered = a.count.iter().filter(|&&c| c > 0).count();
-    let duplicated: u64 = a
-        .count
+    let delivered = a.count[..n].iter().filter(|&&c| c > 0).count();
+    let duplicated: u64 = a.count[..n]
         .iter()
         .map(|&c| u64::from(c.saturating_sub(1)))
         .sum();
@@ -350,10 +385,13 @@ async fn measure(
     };
     let lat = latencies(0);
     // Per event, for plots and for looking into a run: seq, commit and first arrival (µs).
-    let mut csv = String::from("seq,commit_us,first_arrival_us,count\n");
+    let mut csv = String::from("seq,commit_us,first_arrival_us,count,record_ts_ms\n");
     for i in 0..n {
         let c = commit[i].load(Ordering::Relaxed);
-        csv.push_str(&format!("{i},{c},{},{}\n", a.first[i], a.count[i]));
+        csv.push_str(&format!(
+            "{i},{c},{},{},{}\n",
+            a.first[i], a.count[i], a.record_ts_ms[i]
+        ));
     }
     std::fs::write(csv_path, csv)?;
     // The second half alone: the JVM's JIT warms up during the first seconds of a run.
@@ -396,6 +434,7 @@ async fn measure(
         ("exactly_once", serde_json::json!(o.exactly_once)),
         ("poll_interval_ms", serde_json::json!(o.poll_interval_ms)),
         ("events", serde_json::json!(n)),
+        ("warmup_events", serde_json::json!(warmup)),
         ("rate", serde_json::json!(o.rate)),
         ("writers", serde_json::json!(o.writers)),
         ("delivered", serde_json::json!(delivered)),

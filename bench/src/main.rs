@@ -72,6 +72,9 @@ enum Cmd {
         poll_interval_ms: Option<u64>,
         #[arg(long, default_value_t = 5000)]
         events: u64,
+        /// Events written and awaited first, not measured (the JVM's JIT warm-up).
+        #[arg(long, default_value_t = 5000)]
+        warmup_events: u64,
         /// Events per second, all writers together (0: as fast as they can).
         #[arg(long, default_value_t = 1000)]
         rate: u32,
@@ -427,6 +430,7 @@ async fn main() -> Result<()> {
             exactly_once,
             poll_interval_ms,
             events,
+            warmup_events,
             rate,
             writers,
             wait_s,
@@ -435,6 +439,7 @@ async fn main() -> Result<()> {
                 exactly_once,
                 poll_interval_ms,
                 events,
+                warmup: warmup_events,
                 rate,
                 writers,
                 wait: Duration::from_secs(wait_s),
