@@ -17,6 +17,8 @@
 //! magnitude, not as absolute throughput of a dedicated deployment.
 
 mod ab;
+mod debezium;
+mod debezium_check;
 mod drill;
 mod support;
 
@@ -66,6 +68,29 @@ enum Cmd {
     /// The relays side by side (one attached at a time): latency, loss and what each costs the
     /// database, per rate; writes report.json, report.md and SVG plots under --out.
     Ab(Box<ab::Opts>),
+    /// Debezium (scripts/connect) on a fresh slot: writes N events, counts them under
+    /// read_committed (delivered, lost, duplicated) and times commit -> visible.
+    DebeziumCheck {
+        /// Connect's exactly-once source mode (otherwise at-least-once, Connect's defaults).
+        #[arg(long)]
+        exactly_once: bool,
+        /// Debezium's poll.interval.ms (default: Debezium's own, 500).
+        #[arg(long)]
+        poll_interval_ms: Option<u64>,
+        #[arg(long, default_value_t = 5000)]
+        events: u64,
+        /// Events written and awaited first, not measured (the JVM's JIT warm-up).
+        #[arg(long, default_value_t = 5000)]
+        warmup_events: u64,
+        /// Events per second, all writers together (0: as fast as they can).
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 4)]
+        writers: u32,
+        /// How long to wait for the last events after the writers finished, seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
     /// Operational drills against the local stack.
     Drill {
         #[command(subcommand)]
@@ -293,6 +318,26 @@ async fn main() -> Result<()> {
             payload_bytes,
         } => (rates, seconds, writers, relay_bin, payload_bytes),
         Cmd::Ab(opts) => return ab::run(*opts).await,
+        Cmd::DebeziumCheck {
+            exactly_once,
+            poll_interval_ms,
+            events,
+            warmup_events,
+            rate,
+            writers,
+            wait_s,
+        } => {
+            return debezium_check::run(debezium_check::Opts {
+                exactly_once,
+                poll_interval_ms,
+                events,
+                warmup: warmup_events,
+                rate,
+                writers,
+                wait: Duration::from_secs(wait_s),
+            })
+            .await;
+        }
         Cmd::Drill {
             drill:
                 Drill::StallSlot {
