@@ -541,7 +541,7 @@ impl Default for KafkaConfig {
             checkpoint_topic: "outbox.relay.checkpoints".to_owned(),
             dlq_topic: "outbox.relay.dlq".to_owned(),
             transaction_timeout: Duration::from_secs(60),
-            transactional_producers: 1,
+            transactional_producers: 2,
             librdkafka: LibrdkafkaOptions::default(),
         }
     }
