@@ -6,6 +6,7 @@ use crate::support::kafka;
 use crate::support::outbox_load::Tally;
 use crate::support::pg::TestDb;
 use crate::support::process::RelayProc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 fn spawn(h: &Harness) -> RelayProc {
@@ -40,7 +41,12 @@ async fn at_least_once_relays_every_row() {
     h.create_slot().await;
     let mut relay = spawn(&h);
     let (state, writers) = start_writers(&db.url(), 2);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Enough transactions to prove something, however loaded the machine is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while state.committed_txns.load(Ordering::Relaxed) < 400 && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop_writers(&state, writers).await;
     let log = relay.log.clone();
     let t = h
