@@ -2,7 +2,10 @@
 //! lost, with or without SIGKILLs; duplicates after a kill are counted and printed (allowed).
 
 use crate::cdc::{kill_repeatedly, start_writers, stop_writers, Harness};
-use crate::support::kafka;
+use crate::routing::{
+    by_event_id, create_small_topic, read_order_and_small, write_around_a_refused_record,
+};
+use crate::support::kafka::{self, Isolation};
 use crate::support::outbox_load::Tally;
 use crate::support::pg::TestDb;
 use crate::support::process::RelayProc;
@@ -75,4 +78,40 @@ async fn at_least_once_loses_nothing_across_sigkills() {
         .settle(&mut relay, Duration::from_secs(120), &state, &logs)
         .await;
     assert_nothing_lost(&t, "at least once, 12 SIGKILLs");
+}
+
+/// The DLQ rerouting works without transactions too: a record the broker refuses for good fails
+/// its batch once; on the replay it goes to the DLQ topic, and every other event is delivered
+/// (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_least_once_sends_a_refused_record_to_the_dlq() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    let c = h.client().await;
+    create_small_topic(&h).await;
+    h.create_slot().await;
+    let mut relay = spawn(&h);
+    let [before, refused, fits, after] = write_around_a_refused_record(&c).await;
+    h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
+    let delivered = read_order_and_small(&h).await;
+    let delivered = by_event_id(&delivered);
+    for (what, id) in [("before", before), ("fits", fits), ("after", after)] {
+        let n = delivered.get(&id.to_string()).map_or(0, Vec::len);
+        eprintln!("event {what}: delivered {n} time(s)");
+        assert!(n >= 1, "event {what} {id} lost:\n{}", relay.log_text());
+    }
+    assert!(!delivered.contains_key(&refused.to_string()));
+    let dead = kafka::read_all(&format!("{}.dlq", h.prefix), Isolation::ReadCommitted).await;
+    assert!(!dead.is_empty(), "the refused record is in the DLQ topic");
+    assert!(
+        dead.iter().all(
+            |d| d.header("event_id") == Some(refused.to_string().as_str())
+                && d.header("error_class") == Some("record_too_large")
+        ),
+        "{dead:?}"
+    );
+    assert!(relay
+        .terminate(Duration::from_secs(20))
+        .expect("exit")
+        .success());
 }
