@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
-    bootstrap, connect, histogram_quantile, http_get, now_us, percentile, pg_url, proc_usage,
+    bootstrap, connect, histogram_quantile, http_get, kafka_pid, now_us, percentile, pg_url,
+    proc_usage,
 };
 
 #[derive(Parser)]
@@ -64,6 +65,12 @@ enum Cmd {
         /// Payload bytes per event (JSON).
         #[arg(long, default_value_t = 300)]
         payload_bytes: usize,
+        /// Only the fixed rates: no "Postgres alone" and no "unthrottled" phase (lever A/B runs).
+        #[arg(long)]
+        rates_only: bool,
+        /// Extra environment for the relay, `NAME=VALUE`, repeatable (lever experiments).
+        #[arg(long = "relay-env", value_parser = parse_env_pair)]
+        relay_env: Vec<(String, String)>,
     },
     /// The relays side by side (one attached at a time): latency, loss and what each costs the
     /// database, per rate; writes report.json, report.md and SVG plots under --out.
@@ -125,6 +132,12 @@ enum Drill {
         #[arg(long, default_value_t = 300)]
         max_stall_s: u64,
     },
+}
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
 
 /// Writers committing single-row outbox transactions, paced at `rate` (0: unthrottled).
@@ -244,7 +257,13 @@ struct RelayRun {
 }
 
 impl RelayRun {
-    async fn start(bin: &PathBuf, db: &str, slot: &str, prefix: &str) -> Result<RelayRun> {
+    async fn start(
+        bin: &PathBuf,
+        db: &str,
+        slot: &str,
+        prefix: &str,
+        extra_env: &[(String, String)],
+    ) -> Result<RelayRun> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -265,6 +284,7 @@ impl RelayRun {
             )
             .env("RELAY_HTTP__LISTEN", &http)
             .env("RELAY_LOG__FORMAT", "json")
+            .envs(extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -309,57 +329,68 @@ const CDC: &[&str] = &["relay=\"cdc\""];
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (rates, seconds, writers, relay_bin, payload_bytes) = match cli.command {
-        Cmd::Cdc {
-            rates,
-            seconds,
-            writers,
-            relay_bin,
-            payload_bytes,
-        } => (rates, seconds, writers, relay_bin, payload_bytes),
-        Cmd::Ab(opts) => return ab::run(*opts).await,
-        Cmd::DebeziumCheck {
-            exactly_once,
-            poll_interval_ms,
-            events,
-            warmup_events,
-            rate,
-            writers,
-            wait_s,
-        } => {
-            return debezium_check::run(debezium_check::Opts {
+    let (rates, seconds, writers, relay_bin, payload_bytes, rates_only, relay_env) =
+        match cli.command {
+            Cmd::Cdc {
+                rates,
+                seconds,
+                writers,
+                relay_bin,
+                payload_bytes,
+                rates_only,
+                relay_env,
+            } => (
+                rates,
+                seconds,
+                writers,
+                relay_bin,
+                payload_bytes,
+                rates_only,
+                relay_env,
+            ),
+            Cmd::Ab(opts) => return ab::run(*opts).await,
+            Cmd::DebeziumCheck {
                 exactly_once,
                 poll_interval_ms,
                 events,
-                warmup: warmup_events,
+                warmup_events,
                 rate,
                 writers,
-                wait: Duration::from_secs(wait_s),
-            })
-            .await;
-        }
-        Cmd::Drill {
-            drill:
-                Drill::StallSlot {
+                wait_s,
+            } => {
+                return debezium_check::run(debezium_check::Opts {
+                    exactly_once,
+                    poll_interval_ms,
+                    events,
+                    warmup: warmup_events,
+                    rate,
+                    writers,
+                    wait: Duration::from_secs(wait_s),
+                })
+                .await;
+            }
+            Cmd::Drill {
+                drill:
+                    Drill::StallSlot {
+                        relay_bin,
+                        prometheus_bin,
+                        keep_mb,
+                        filler_mb_per_s,
+                        events_per_s,
+                        max_stall_s,
+                    },
+            } => {
+                return drill::stall_slot(drill::Opts {
                     relay_bin,
                     prometheus_bin,
                     keep_mb,
                     filler_mb_per_s,
                     events_per_s,
-                    max_stall_s,
-                },
-        } => {
-            return drill::stall_slot(drill::Opts {
-                relay_bin,
-                prometheus_bin,
-                keep_mb,
-                filler_mb_per_s,
-                events_per_s,
-                max_stall: Duration::from_secs(max_stall_s),
-            })
-            .await;
-        }
-    };
+                    max_stall: Duration::from_secs(max_stall_s),
+                })
+                .await;
+            }
+        };
     std::fs::create_dir_all("bench/out")?;
     let duration = Duration::from_secs(seconds);
     let db = format!("bench_{:08x}", rand::random::<u32>());
@@ -371,14 +402,22 @@ async fn main() -> Result<()> {
     let admin = connect(&pg_url(&db)).await?;
     let mut report = serde_json::Map::new();
 
-    println!("== Postgres alone: {writers} writers, single-row transactions, {seconds} s");
-    let n = write_load(&pg_url(&db), writers, 0, duration, payload_bytes, "alone").await?;
-    let pg_rate = n as f64 / duration.as_secs_f64();
-    println!("   {n} commits: {pg_rate:.0} commits/s");
-    report.insert("postgres_alone_commits_per_s".into(), pg_rate.into());
+    if !rates_only {
+        println!("== Postgres alone: {writers} writers, single-row transactions, {seconds} s");
+        let n = write_load(&pg_url(&db), writers, 0, duration, payload_bytes, "alone").await?;
+        let pg_rate = n as f64 / duration.as_secs_f64();
+        println!("   {n} commits: {pg_rate:.0} commits/s");
+        report.insert("postgres_alone_commits_per_s".into(), pg_rate.into());
+    }
+    if !relay_env.is_empty() {
+        println!("   relay env: {relay_env:?}");
+        report.insert("relay_env".into(), format!("{relay_env:?}").into());
+    }
 
     let mut phases: Vec<(String, u32)> = rates.iter().map(|r| (format!("rate_{r}"), *r)).collect();
-    phases.push(("unthrottled".into(), 0));
+    if !rates_only {
+        phases.push(("unthrottled".into(), 0));
+    }
     for (name, rate) in phases {
         let slot = format!("bench_{}_{:06x}", name, rand::random::<u32>() & 0xffffff);
         let prefix = format!("bench.{slot}");
@@ -388,11 +427,13 @@ async fn main() -> Result<()> {
                 &[&slot],
             )
             .await?;
-        let relay = RelayRun::start(&relay_bin, &db, &slot, &prefix).await?;
+        let relay = RelayRun::start(&relay_bin, &db, &slot, &prefix, &relay_env).await?;
         let pid = relay.child.id();
         let topic = format!("{prefix}.{name}");
         let reader = LatencyReader::start(&topic)?;
         let (cpu0, _) = proc_usage(pid).unwrap_or((0.0, 0));
+        let broker = kafka_pid();
+        let broker0 = broker.and_then(proc_usage).map(|(c, _)| c);
         let label = if rate > 0 {
             format!("{rate} events/s")
         } else {
@@ -410,6 +451,7 @@ async fn main() -> Result<()> {
         let drain = drain_start.elapsed().as_secs_f64();
         let metrics = relay.metrics().await;
         let (cpu1, rss) = proc_usage(pid).unwrap_or((0.0, 0));
+        let broker1 = broker.and_then(proc_usage).map(|(c, _)| c);
         relay.stop();
         let mut lat = reader.finish();
         lat.sort_unstable();
@@ -432,6 +474,11 @@ async fn main() -> Result<()> {
         } else {
             f64::NAN
         };
+        // The broker's CPU over the same window (writes and drain), per 100k events delivered.
+        let broker_per_100k = match (broker0, broker1) {
+            (Some(a), Some(b)) if delivered > 0 => (b - a) / delivered as f64 * 100_000.0,
+            _ => f64::NAN,
+        };
         let offered = n as f64 / write_secs;
         println!("   written {n} ({offered:.0}/s), delivered {delivered}, drained in {drain:.2} s after the writers stopped");
         println!("   commit -> consumer (read_committed): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
@@ -450,6 +497,45 @@ async fn main() -> Result<()> {
             cpu_per_100k,
             rss as f64 / 1e6
         );
+        println!("   broker CPU {broker_per_100k:.2} s per 100,000 events");
+        // Kafka transactions the relay committed (heartbeats and idle checkpoints included).
+        let txns = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("relay_kafka_transactions_total")
+                    && l.contains("relay=\"cdc\"")
+                    && l.contains("outcome=\"committed\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        println!(
+            "   {txns:.0} Kafka transactions ({:.0}/s, {:.1} events each)",
+            txns / write_secs,
+            delivered as f64 / txns
+        );
+        let stages: Vec<String> = [
+            "received",
+            "batch_closed",
+            "produced",
+            "delivered",
+            "committed",
+        ]
+        .iter()
+        .filter_map(|st| {
+            let stage = format!("stage=\"{st}\"");
+            let labels = [CDC[0], stage.as_str()];
+            let p50 = histogram_quantile(&metrics, "relay_stage_seconds", &labels, 0.5)?;
+            let p99 = histogram_quantile(&metrics, "relay_stage_seconds", &labels, 0.99)?;
+            Some(format!("{st} {:.1}/{:.1}", p50 * 1e3, p99 * 1e3))
+        })
+        .collect();
+        if !stages.is_empty() {
+            println!(
+                "   stages from the Postgres commit, p50/p99 ms: {}",
+                stages.join(", ")
+            );
+        }
         report.insert(
             name.clone(),
             serde_json::json!({
@@ -458,6 +544,8 @@ async fn main() -> Result<()> {
                 "relay_hist_p50_ms": h50, "relay_hist_p99_ms": h99,
                 "kafka_commit_p50_ms": k50, "kafka_commit_p99_ms": k99,
                 "relay_cpu_s_per_100k": cpu_per_100k, "relay_peak_rss_bytes": rss,
+                "broker_cpu_s_per_100k": broker_per_100k, "kafka_transactions": txns,
+                "stages_p50_p99_ms": stages,
             }),
         );
         admin

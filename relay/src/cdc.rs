@@ -407,7 +407,7 @@ impl<'a> Session<'a> {
             self.metrics.clone(),
             checkpoint.clone().unwrap_or(fresh),
         )
-        .with_transaction_timeout(s.kafka.transaction_timeout);
+        .with_transaction_timeout(s.kafka.transaction_limit());
         let result = match self
             .slot_position(&mut sql, slot, checkpoint.as_ref())
             .await
@@ -1312,6 +1312,7 @@ impl CdcSettings {
                 max_events: cfg.batch.max_events,
                 max_bytes: cfg.batch.max_bytes,
                 max_delay: cfg.batch.max_delay,
+                min_interval: cfg.batch.min_interval,
             },
             kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
             dlq_topic: cfg.kafka.dlq_topic.clone(),

@@ -168,6 +168,10 @@ fn display_problems(problems: &[Problem]) -> String {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
+    /// What the relays promise: `exactly_once` (the default: events and checkpoint in one Kafka
+    /// transaction) or `at_least_once` (idempotent producer, checkpoint written after the
+    /// events are acknowledged; a crash may repeat the unconfirmed tail). See `sink::kafka`.
+    pub delivery: Delivery,
     /// Where the outbox lives.
     pub postgres: PostgresConfig,
     /// The logical-replication relay.
@@ -455,6 +459,18 @@ macro_rules! string_enum {
 }
 
 string_enum!(ColumnSet, ColumnSet::Native => "native", ColumnSet::Debezium => "debezium");
+string_enum!(Delivery, Delivery::ExactlyOnce => "exactly_once", Delivery::AtLeastOnce => "at_least_once");
+
+/// `delivery`: the guarantee the relays give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Every event once: events and the checkpoint commit in one Kafka transaction.
+    #[default]
+    ExactlyOnce,
+    /// Every event at least once: no Kafka transactions; the checkpoint is written after the
+    /// events are acknowledged (acks=all), so a crash repeats what followed the last one.
+    AtLeastOnce,
+}
 string_enum!(InitialBackfill, InitialBackfill::All => "all", InitialBackfill::None => "none");
 
 /// `[outbox]`
@@ -509,6 +525,10 @@ pub struct KafkaConfig {
     /// librdkafka `transaction.timeout.ms`.
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
+    /// Exactly-once only: transactional producers used in turn, 1 or 2. With 2, a transaction
+    /// never starts on the producer whose commit markers the broker is still writing (the
+    /// second one's transactional id is `<transactional_id>.alt`); see `sink::kafka`.
+    pub transactional_producers: u8,
     /// Other librdkafka options, passed through unchanged.
     pub librdkafka: LibrdkafkaOptions,
 }
@@ -521,6 +541,7 @@ impl Default for KafkaConfig {
             checkpoint_topic: "outbox.relay.checkpoints".to_owned(),
             dlq_topic: "outbox.relay.dlq".to_owned(),
             transaction_timeout: Duration::from_secs(60),
+            transactional_producers: 2,
             librdkafka: LibrdkafkaOptions::default(),
         }
     }
@@ -534,6 +555,7 @@ impl fmt::Debug for KafkaConfig {
             .field("checkpoint_topic", &self.checkpoint_topic)
             .field("dlq_topic", &self.dlq_topic)
             .field("transaction_timeout", &self.transaction_timeout)
+            .field("transactional_producers", &self.transactional_producers)
             .field("librdkafka", &self.librdkafka)
             .finish()
     }
@@ -686,6 +708,10 @@ pub struct BatchConfig {
     /// Close this long after the first event.
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
+    /// Close at most once per this interval (0: no limit): caps the Kafka transaction rate;
+    /// see `pipeline::BatchLimits::min_interval`.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
 }
 
 impl Default for BatchConfig {
@@ -694,6 +720,7 @@ impl Default for BatchConfig {
             max_events: 1000,
             max_bytes: 1024 * 1024,
             max_delay: Duration::from_millis(1),
+            min_interval: Duration::ZERO,
         }
     }
 }
@@ -1052,6 +1079,14 @@ impl RelayConfig {
                 humantime_serde::re::humantime::format_duration(timeout)
             ),
         );
+        check(
+            (1..=2).contains(&self.kafka.transactional_producers),
+            "kafka.transactional_producers",
+            format!(
+                "must be 1 or 2 (got {})",
+                self.kafka.transactional_producers
+            ),
+        );
         for (name, _) in self.kafka.librdkafka.iter() {
             if let Some((_, hint)) = OWNED_LIBRDKAFKA_OPTIONS.iter().find(|(o, _)| *o == name) {
                 check(
@@ -1068,6 +1103,11 @@ impl RelayConfig {
         check(
             self.batch.max_delay < timeout,
             "batch.max_delay",
+            "must be shorter than kafka.transaction_timeout".to_owned(),
+        );
+        check(
+            self.batch.min_interval < timeout,
+            "batch.min_interval",
             "must be shorter than kafka.transaction_timeout".to_owned(),
         );
 
@@ -1759,6 +1799,11 @@ mod tests {
         assert_eq!(c.cdc.stream_memory_budget, d.cdc.stream_memory_budget);
         assert_eq!(c.batch.max_bytes, d.batch.max_bytes);
         assert_eq!(c.kafka.transaction_timeout, d.kafka.transaction_timeout);
+        assert_eq!(c.delivery, d.delivery);
+        assert_eq!(
+            c.kafka.transactional_producers,
+            d.kafka.transactional_producers
+        );
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);
         assert_eq!(c.http.listen, d.http.listen);
         assert_eq!(c.slot_watch.interval, d.slot_watch.interval);
@@ -1840,6 +1885,27 @@ mod tests {
         assert_eq!(
             problems,
             ["poll.interval: must be greater than zero"],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn delivery_defaults_to_exactly_once_and_is_set_by_relay_delivery() {
+        let c = RelayConfig::load_from(None, required()).unwrap();
+        assert_eq!(c.delivery, Delivery::ExactlyOnce);
+        let mut e = required();
+        e.push(("RELAY_DELIVERY".into(), "at_least_once".into()));
+        let c = RelayConfig::load_from(None, e).unwrap();
+        assert_eq!(c.delivery, Delivery::AtLeastOnce);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["delivery"], "at_least_once", "check-config shows it");
+        let mut e = required();
+        e.push(("RELAY_DELIVERY".into(), "maybe".into()));
+        let problems = problems_of(RelayConfig::load_from(None, e));
+        assert!(
+            problems.iter().any(
+                |p| p.starts_with("delivery:") && p.contains("`exactly_once`, `at_least_once`")
+            ),
             "{problems:#?}"
         );
     }

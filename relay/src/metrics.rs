@@ -35,6 +35,9 @@ pub mod names {
     /// How long one Kafka transaction's commit took (waiting for its records' delivery, then
     /// `commit_transaction`): the Kafka share of the commit-to-Kafka latency.
     pub const KAFKA_COMMIT_SECONDS: &str = "relay_kafka_commit_seconds";
+    /// Seconds from an event's Postgres commit to each stage of its way through the relay, by
+    /// relay and stage (see [`super::Stage`]).
+    pub const STAGE_SECONDS: &str = "relay_stage_seconds";
     /// The LSN last confirmed to Postgres (as a float: exact up to 2^53 bytes of WAL).
     pub const CONFIRMED_LSN: &str = "relay_confirmed_lsn";
     /// Bytes of WAL between the server's WAL end as the walsender last reported it (XLogData
@@ -153,6 +156,23 @@ label_enum! {
 }
 
 label_enum! {
+    /// `stage` of [`names::STAGE_SECONDS`], in the order an event passes them.
+    Stage {
+        /// The source transaction's last record reached the relay (CDC: its Commit message).
+        Received => "received",
+        /// The Kafka transaction (batch) carrying it was closed and its commit requested.
+        BatchClosed => "batch_closed",
+        /// The sink thread had handed every record of that batch to the producer.
+        Produced => "produced",
+        /// Every record of that batch was acknowledged (delivery reports).
+        Delivered => "delivered",
+        /// The batch's commit returned (exactly-once: `commit_transaction`; at-least-once: the
+        /// checkpoint acknowledged) and the relay loop saw it.
+        Committed => "committed",
+    }
+}
+
+label_enum! {
     /// `component` of [`names::RECONNECTS_TOTAL`].
     Component {
         /// The replication or query connection.
@@ -265,6 +285,7 @@ pub struct Metrics {
     batch_events: HistogramVec,
     commit_to_kafka: HistogramVec,
     kafka_commit: HistogramVec,
+    stage: HistogramVec,
     confirmed_lsn: Gauge,
     checkpoint_lag_bytes: IntGauge,
     reconnects: IntCounterVec,
@@ -307,6 +328,13 @@ impl std::fmt::Debug for Metrics {
 /// relay is stalled and the lag alerts speak instead.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Stage latency buckets, 1 ms to 10 s, dense where the relay's latencies live (5 to 300 ms), so
+/// that p50 and p99 interpolate to a few milliseconds.
+const STAGE_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 ];
 
 /// Rows per poll: 0 (an empty poll) up to past the default `poll.batch_size` (1000).
@@ -361,6 +389,13 @@ impl Metrics {
                 "Seconds one Kafka transaction commit took (record delivery and commit_transaction).",
                 LATENCY_BUCKETS,
                 relay,
+            )?,
+            stage: histogram_vec(
+                &registry,
+                names::STAGE_SECONDS,
+                "Seconds from an event's Postgres commit (cdc: the WAL commit record's timestamp; poll: the oldest row's created_at in the poll) to a stage: received, batch_closed, produced, delivered, committed. Observed once per source transaction with records (cdc: WAL transaction; poll: poll batch), not per event, so that the hot path takes no per-record cost; produced and delivered are placed back from the commit's return by the sink thread's own measured durations.",
+                STAGE_BUCKETS,
+                &["relay", "stage"],
             )?,
             confirmed_lsn: register(
                 &registry,
@@ -474,6 +509,9 @@ impl Metrics {
             self.event_bytes(relay);
             self.batch_events(relay);
             self.commit_to_kafka_seconds(relay);
+            for &stage in Stage::ALL {
+                self.stage_seconds(relay, stage);
+            }
             self.kafka_queue_full(relay);
             self.dlq_records(relay);
             self.consecutive_failures(relay);
@@ -516,6 +554,12 @@ impl Metrics {
     /// `relay_kafka_commit_seconds{relay}`.
     pub fn kafka_commit_seconds(&self, relay: RelayKind) -> Histogram {
         self.kafka_commit.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_stage_seconds{relay, stage}`.
+    pub fn stage_seconds(&self, relay: RelayKind, stage: Stage) -> Histogram {
+        self.stage
+            .with_label_values(&[relay.as_str(), stage.as_str()])
     }
 
     /// Sets `relay_confirmed_lsn`. A float holds every LSN below 2^53 (8 PiB of WAL) exactly.
@@ -906,14 +950,14 @@ mod tests {
         let m = Metrics::new().unwrap();
         assert_eq!(
             m.registry().gather().len(),
-            25,
+            26,
             "every metric without a slot label is gathered from the start"
         );
         m.init_slot_series("outbox_relay", true, true);
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            35,
+            36,
             "every slot metric is gathered once its slot's series exist"
         );
         for f in &families {
@@ -956,7 +1000,8 @@ mod tests {
                             "component",
                             "slot",
                             "wal_status",
-                            "reason"
+                            "reason",
+                            "stage"
                         ]
                         .contains(&label.name())
                             || name == names::BUILD_INFO,

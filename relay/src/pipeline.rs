@@ -20,6 +20,19 @@
 //! unit. One commit is in flight at a time; meanwhile the relay goes on reading and the next
 //! batch grows, so under load batches grow to what arrives during one commit.
 //!
+//! ## Where the time goes
+//!
+//! `relay_stage_seconds{relay, stage}` places each source transaction (unit) with records on
+//! a time line that starts at its Postgres commit: `received` (its last record reached the
+//! pipeline), `batch_closed` (the Kafka transaction carrying it was asked to commit),
+//! `produced` (the sink thread had handed every record of that transaction to the producer),
+//! `delivered` (every record acknowledged) and `committed` (the commit returned and the loop saw
+//! it). It is observed once per unit, not per event: the per-record path takes no cost, and a
+//! unit of many events counts once (the relay's units are what Postgres commits). `produced`
+//! and `delivered` happen on the sink thread; they are placed back from the moment the loop
+//! sees the commit by the durations the sink thread measured (so a loop busy elsewhere when the
+//! commit returns delays them all alike, and `committed` shows it).
+//!
 //! ## What is counted when
 //!
 //! Events, bytes and DLQ records are counted when the Kafka transaction that carries them has
@@ -29,7 +42,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::RelayKind;
 use crate::health::Health;
-use crate::metrics::{Component, EventKind, Metrics, TxnOutcome};
+use crate::metrics::{Component, EventKind, Metrics, Stage, TxnOutcome};
 use crate::outbox::{Event, OutRecord, TopicError, TopicRouter};
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
@@ -49,6 +62,10 @@ pub struct BatchLimits {
     pub max_events: usize,
     pub max_bytes: usize,
     pub max_delay: Duration,
+    /// The least time between two batches' closes (0: none). A batch that is due earlier waits
+    /// and grows: this caps the Kafka transaction rate (and the broker's work per event) at
+    /// `1 / min_interval`, at up to that much latency.
+    pub min_interval: Duration,
 }
 
 /// The source position a complete unit leaves the relay at; the checkpoint records it.
@@ -128,6 +145,8 @@ impl Batch {
 struct Inflight {
     reply: oneshot::Receiver<Result<Committed, SinkError>>,
     batch: Batch,
+    /// When the batch was closed (µs since the Unix epoch, by the pipeline's clock).
+    closed_us: i64,
     /// When its Kafka transaction received its first record.
     began: Option<Instant>,
 }
@@ -138,6 +157,21 @@ struct Counters {
     messages: prometheus::IntCounter,
     bytes: prometheus::IntCounter,
     dlq: prometheus::IntCounter,
+    /// `relay_stage_seconds`, in the order of [`Stage`]'s variants.
+    received: prometheus::Histogram,
+    batch_closed: prometheus::Histogram,
+    produced: prometheus::Histogram,
+    delivered: prometheus::Histogram,
+    committed: prometheus::Histogram,
+}
+
+/// The wall clock the stage timings are read from, in µs since the Unix epoch (replaceable so
+/// that tests can run it on tokio's paused time).
+pub type Clock = Box<dyn Fn() -> i64 + Send + Sync>;
+
+/// Seconds from `from_us` to `to_us`, never negative (clocks of two hosts may disagree a little).
+fn age(from_us: i64, to_us: i64) -> f64 {
+    (to_us - from_us).max(0) as f64 / 1e6
 }
 
 /// Records handed to the sink thread at a time.
@@ -161,9 +195,12 @@ pub struct Pipeline {
     began: Option<Instant>,
     /// Records of the open unit so far.
     unit_records: u64,
+    /// When the last batch closed (see `BatchLimits::min_interval`).
+    last_close: Option<Instant>,
     /// `kafka.transaction_timeout`: a transaction that fails after being open longer is too
     /// large to ever commit (see [`SinkError::TransactionTimeout`]).
     transaction_timeout: Option<Duration>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -192,6 +229,11 @@ impl Pipeline {
             messages: metrics.events(kind, EventKind::Message),
             bytes: metrics.event_bytes(kind),
             dlq: metrics.dlq_records(kind),
+            received: metrics.stage_seconds(kind, Stage::Received),
+            batch_closed: metrics.stage_seconds(kind, Stage::BatchClosed),
+            produced: metrics.stage_seconds(kind, Stage::Produced),
+            delivered: metrics.stage_seconds(kind, Stage::Delivered),
+            committed: metrics.stage_seconds(kind, Stage::Committed),
         };
         Pipeline {
             kind,
@@ -206,8 +248,16 @@ impl Pipeline {
             unit_open: false,
             began: None,
             unit_records: 0,
+            last_close: None,
             transaction_timeout: None,
+            clock: Box::new(|| unix_micros(SystemTime::now())),
         }
+    }
+
+    /// Reads the stage timings from `clock` instead of the system's wall clock.
+    pub fn with_clock(mut self, clock: Clock) -> Pipeline {
+        self.clock = clock;
+        self
     }
 
     /// The broker's limit on how long a transaction may stay open (`kafka.transaction_timeout`):
@@ -291,6 +341,7 @@ impl Pipeline {
         self.unit_open = false;
         if let Some(ts) = commit_ts_us.filter(|_| self.unit_records > 0) {
             self.batch.commit_times.push(ts);
+            self.counters.received.observe(age(ts, (self.clock)()));
         }
         self.unit_records = 0;
         self.batch.position = Some(position);
@@ -343,7 +394,17 @@ impl Pipeline {
         }
         self.batch.position?;
         let opened = self.batch.opened?;
-        Some(opened + self.limits.max_delay)
+        Some(self.paced(opened + self.limits.max_delay))
+    }
+
+    /// `at`, or later if the last close was less than `min_interval` before it.
+    fn paced(&self, at: Instant) -> Instant {
+        match self.last_close {
+            Some(last) if !self.limits.min_interval.is_zero() => {
+                at.max(last + self.limits.min_interval)
+            }
+            _ => at,
+        }
     }
 
     fn due(&self, now: Instant) -> bool {
@@ -355,7 +416,7 @@ impl Pipeline {
             || self
                 .batch
                 .opened
-                .is_some_and(|o| now >= o + self.limits.max_delay)
+                .is_some_and(|o| now >= self.paced(o + self.limits.max_delay))
     }
 
     /// Closes the batch when its deadline passed (see [`Pipeline::deadline`]).
@@ -389,11 +450,13 @@ impl Pipeline {
         }
         cp.written_at_us = unix_micros(SystemTime::now());
         let reply = self.sink.commit(cp).await?;
+        self.last_close = Some(Instant::now());
         let batch = std::mem::take(&mut self.batch);
         let began = self.began.take().or_else(|| Some(Instant::now()));
         self.inflight = Some(Inflight {
             reply,
             batch,
+            closed_us: (self.clock)(),
             began,
         });
         Ok(())
@@ -456,6 +519,20 @@ impl Pipeline {
         let latency = self.metrics.commit_to_kafka_seconds(self.kind);
         for t in &batch.commit_times {
             latency.observe((now - t).max(0) as f64 / 1e6);
+        }
+        let committed_us = (self.clock)();
+        let produced_us = (committed_us - committed.commit_duration.as_micros() as i64)
+            .clamp(f.closed_us, committed_us);
+        let delivered_us = committed
+            .delivered_after
+            .map_or(produced_us, |d| produced_us + d.as_micros() as i64)
+            .min(committed_us);
+        let c = &self.counters;
+        for &t in &batch.commit_times {
+            c.batch_closed.observe(age(t, f.closed_us));
+            c.produced.observe(age(t, produced_us));
+            c.delivered.observe(age(t, delivered_us));
+            c.committed.observe(age(t, committed_us));
         }
         for h in &batch.heartbeats {
             self.metrics
@@ -800,6 +877,7 @@ mod tests {
             max_events,
             max_bytes: usize::MAX,
             max_delay: Duration::from_millis(max_delay_ms),
+            min_interval: Duration::ZERO,
         }
     }
 
@@ -949,6 +1027,98 @@ mod tests {
         settle(&mut p).await;
         assert_eq!(metrics.events(RelayKind::Cdc, EventKind::Message).get(), 1);
         assert_eq!(metrics.dlq_records(RelayKind::Cdc).get(), 1);
+        p.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_interval_spaces_the_closes_and_the_batch_grows_meanwhile() {
+        let mut l = limits(1000, 1);
+        l.min_interval = Duration::from_millis(20);
+        let (mut p, backend, _) = pipeline(l).await;
+        units(&mut p, 1, 1).await;
+        let first = Instant::now() + Duration::from_millis(1);
+        assert_eq!(
+            p.deadline(),
+            Some(first),
+            "the first batch is not held back"
+        );
+        tokio::time::sleep_until(first).await;
+        p.on_deadline().await.unwrap();
+        settle(&mut p).await;
+        // The next unit arrives at once; its batch waits until 20 ms after the last close.
+        units(&mut p, 2, 1).await;
+        assert_eq!(p.deadline(), Some(first + Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        p.on_deadline().await.unwrap();
+        assert!(p.inflight.is_none(), "not due before the interval");
+        units(&mut p, 3, 2).await;
+        tokio::time::sleep_until(p.deadline().unwrap()).await;
+        p.on_deadline().await.unwrap();
+        let cp = settle(&mut p).await;
+        assert_eq!(cp.end_lsn, 408);
+        assert_eq!(
+            backend.commits.load(Ordering::Relaxed),
+            2,
+            "3 units, one commit"
+        );
+        p.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stages_are_timed_from_the_postgres_commit() {
+        let (p, _backend, metrics) = pipeline(limits(1000, 10)).await;
+        // The pipeline's clock runs on tokio's paused time, from 1,000 s after the epoch.
+        let start = tokio::time::Instant::now();
+        let p = p.with_clock(Box::new(move || {
+            1_000_000_000 + start.elapsed().as_micros() as i64
+        }));
+        let mut p = p;
+        // A WAL transaction committed at t = 0 reaches the relay 3 ms later.
+        tokio::time::advance(Duration::from_millis(3)).await;
+        p.begin_unit();
+        p.push(record(1), RecordKind::Event(EventKind::Row))
+            .await
+            .unwrap();
+        p.end_unit(wal(1), Some(1_000_000_000)).await.unwrap();
+        // The batch closes at its deadline, 10 ms later (t = 13 ms).
+        let deadline = p.deadline().expect("a deadline");
+        tokio::time::sleep_until(deadline).await;
+        p.on_deadline().await.unwrap();
+        assert!(p.inflight.is_some());
+        // The loop sees the commit 4 ms after it was asked for (t = 17 ms).
+        tokio::time::advance(Duration::from_millis(4)).await;
+        settle(&mut p).await;
+        let stage = |s| metrics.stage_seconds(RelayKind::Cdc, s);
+        for s in [
+            Stage::Received,
+            Stage::BatchClosed,
+            Stage::Produced,
+            Stage::Delivered,
+            Stage::Committed,
+        ] {
+            assert_eq!(
+                stage(s).get_sample_count(),
+                1,
+                "{s:?}: one observation per unit"
+            );
+        }
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(stage(Stage::Received).get_sample_sum(), 0.003));
+        assert!(close(stage(Stage::BatchClosed).get_sample_sum(), 0.013));
+        assert!(close(stage(Stage::Committed).get_sample_sum(), 0.017));
+        // The null backend commits at once (in real time): produced and delivered lie between
+        // the close and the moment the loop saw the commit, in order.
+        let produced = stage(Stage::Produced).get_sample_sum();
+        let delivered = stage(Stage::Delivered).get_sample_sum();
+        assert!((0.013..=0.017).contains(&produced), "{produced}");
+        assert!((produced..=0.017).contains(&delivered), "{delivered}");
+
+        // A unit without records (a skipped or empty transaction) is not timed.
+        p.begin_unit();
+        p.end_unit(wal(2), Some(1_000_000_000)).await.unwrap();
+        assert_eq!(stage(Stage::Received).get_sample_count(), 1);
+        p.drain().await.unwrap();
+        assert_eq!(stage(Stage::Committed).get_sample_count(), 1);
         p.finish().await;
     }
 

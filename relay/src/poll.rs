@@ -175,6 +175,7 @@ impl PollSettings {
                 max_events: cfg.batch.max_events,
                 max_bytes: cfg.batch.max_bytes,
                 max_delay: cfg.batch.max_delay,
+                min_interval: cfg.batch.min_interval,
             },
             kafka: KafkaSettings::from_config(cfg, RelayKind::Poll),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
@@ -443,7 +444,7 @@ impl<'a> Session<'a> {
             self.metrics.clone(),
             checkpoint.unwrap_or(fresh),
         )
-        .with_transaction_timeout(s.kafka.transaction_timeout);
+        .with_transaction_timeout(s.kafka.transaction_limit());
         let result = match self.preflight(client, pipe.committed(), server).await {
             Ok(()) => self.poll_loop(client, &mut pipe, commit_ts, wake).await,
             Err(e) => Err(e),

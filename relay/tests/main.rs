@@ -4,6 +4,7 @@
 //! database (or its own cluster) and its own topic names and transactional ids, so they run
 //! in parallel. Connection settings come from the variables `scripts/stack env` prints.
 
+mod at_least_once;
 mod backfill;
 mod cdc;
 mod compose;

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// Inserts one outbox row; returns (event id, outbox id).
-async fn insert(
+pub(crate) async fn insert(
     c: &tokio_postgres::Client,
     aggregate_type: &str,
     aggregate_id: &str,
@@ -52,7 +52,7 @@ async fn create_topic_with(bootstrap: &str, name: &str, config: &[(&str, &str)])
     }
 }
 
-fn by_event_id(records: &[Record]) -> HashMap<String, Vec<&Record>> {
+pub(crate) fn by_event_id(records: &[Record]) -> HashMap<String, Vec<&Record>> {
     let mut m: HashMap<String, Vec<&Record>> = HashMap::new();
     for r in records {
         if let Some(id) = r.header("event_id") {
@@ -182,6 +182,38 @@ async fn bad_rows_go_to_the_dlq_with_their_identity_and_the_rest_flows_once() {
         .success());
 }
 
+/// The topic `small` with max.message.bytes 1500 (before the relay creates it with defaults).
+pub(crate) async fn create_small_topic(h: &Harness) {
+    create_topic_with(
+        &h.bootstrap,
+        &format!("{}.small", h.prefix),
+        &[("max.message.bytes", "1500")],
+    )
+    .await;
+}
+
+/// Writes an event to `order`, one too large for `small` (whose max.message.bytes is 1500),
+/// one that fits in `small`, and one more to `order`; returns their event ids in that order.
+pub(crate) async fn write_around_a_refused_record(c: &tokio_postgres::Client) -> [uuid::Uuid; 4] {
+    let small = serde_json::json!({"n": 1});
+    let before = insert(c, "order", "o-1", &small).await.0;
+    let big = serde_json::json!({"blob": "y".repeat(4000)});
+    let (refused, _) = insert(c, "small", "s-1", &big).await;
+    let fits = insert(c, "small", "s-2", &small).await.0;
+    let after = insert(c, "order", "o-2", &small).await.0;
+    [before, refused, fits, after]
+}
+
+/// Every record of the `order` and `small` topics, read_committed.
+pub(crate) async fn read_order_and_small(h: &Harness) -> Vec<Record> {
+    let mut delivered = Vec::new();
+    for t in ["order", "small"] {
+        delivered
+            .extend(kafka::read_all(&format!("{}.{t}", h.prefix), Isolation::ReadCommitted).await);
+    }
+    delivered
+}
+
 /// A record the broker refuses for good (larger than the topic's max.message.bytes, which the
 /// producer cannot know) fails its transaction once; the relay aborts, and on the retry sends
 /// that record to the DLQ instead of looping on it. Everything else is delivered once.
@@ -190,29 +222,14 @@ async fn a_record_the_broker_refuses_goes_to_the_dlq_after_one_abort() {
     let db = TestDb::create().await;
     let h = Harness::new(db.url(), kafka::bootstrap());
     let c = h.client().await;
-    create_topic_with(
-        &h.bootstrap,
-        &format!("{}.small", h.prefix),
-        &[("max.message.bytes", "1500")],
-    )
-    .await;
+    create_small_topic(&h).await;
     let env = h.env();
     // The slot exists before the rows are written: a slot sees only what commits after it.
     h.create_slot().await;
     let mut relay = RelayProc::spawn(&["cdc"], &env);
-    let small = serde_json::json!({"n": 1});
-    let before = insert(&c, "order", "o-1", &small).await.0;
-    let big = serde_json::json!({"blob": "y".repeat(4000)});
-    let (refused, _) = insert(&c, "small", "s-1", &big).await;
-    let fits = insert(&c, "small", "s-2", &small).await.0;
-    let after = insert(&c, "order", "o-2", &small).await.0;
+    let [before, refused, fits, after] = write_around_a_refused_record(&c).await;
     h.wait_caught_up(&mut relay, Duration::from_secs(120)).await;
-
-    let mut delivered = Vec::new();
-    for t in ["order", "small"] {
-        delivered
-            .extend(kafka::read_all(&format!("{}.{t}", h.prefix), Isolation::ReadCommitted).await);
-    }
+    let delivered = read_order_and_small(&h).await;
     let delivered = by_event_id(&delivered);
     for (what, id) in [("before", before), ("fits", fits), ("after", after)] {
         assert_eq!(

@@ -159,6 +159,8 @@ fn sink_settings(bootstrap: String, options: &[(&str, String)]) -> KafkaSettings
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect(),
+        delivery: relay::config::Delivery::ExactlyOnce,
+        transactional_producers: 1,
     }
 }
 

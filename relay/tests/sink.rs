@@ -18,6 +18,8 @@ fn settings(txn_id: &str, checkpoint_topic: &str) -> KafkaSettings {
         topic_partitions: 2,
         create_topics: true,
         librdkafka: Default::default(),
+        delivery: relay::config::Delivery::ExactlyOnce,
+        transactional_producers: 1,
     }
 }
 

@@ -7,6 +7,7 @@
 //! in [`Contender::attach`] and one variant of [`Attached`].
 
 use super::PhaseEnv;
+use crate::debezium::{DebeziumRun, DebeziumSettings};
 use crate::support::{free_port, http_get};
 use anyhow::{bail, Context, Result};
 use std::fmt;
@@ -83,12 +84,24 @@ impl Contender {
                     .await
                     .map(Attached::Relay)
             }
-            // DEBEZIUM: wire `crate::debezium::DebeziumRun::start` in here (contract item 6):
-            // `DebeziumRun::start(&DebeziumSettings { exactly_once, poll_interval_ms:
-            // tuned.then_some(10) }, env.pg_url, env.bootstrap, env.slot, &self.topic_prefix(),
-            // env.work_dir).await.map(Attached::Debezium)`, and add that variant to `Attached`.
-            Contender::Debezium { .. } => {
-                bail!("{}: debezium contender not built in yet", self.label())
+            Contender::Debezium {
+                exactly_once,
+                tuned,
+            } => {
+                let settings = DebeziumSettings {
+                    exactly_once,
+                    poll_interval_ms: tuned.then_some(10),
+                };
+                DebeziumRun::start(
+                    &settings,
+                    env.pg_url,
+                    env.bootstrap,
+                    env.slot,
+                    &self.topic_prefix(),
+                    &env.work_dir.join(env.tag),
+                )
+                .await
+                .map(Attached::Debezium)
             }
         }
     }
@@ -128,6 +141,8 @@ impl fmt::Display for Contender {
 pub enum Attached {
     /// A `relay` child process.
     Relay(RelayChild),
+    /// A Kafka Connect worker running the Debezium connector.
+    Debezium(DebeziumRun),
 }
 
 impl Attached {
@@ -135,6 +150,7 @@ impl Attached {
     pub fn pid(&self) -> u32 {
         match self {
             Attached::Relay(r) => r.child.id(),
+            Attached::Debezium(d) => d.pid(),
         }
     }
 
@@ -142,6 +158,7 @@ impl Attached {
     pub fn settings(&self) -> Vec<(String, String)> {
         match self {
             Attached::Relay(r) => r.settings.clone(),
+            Attached::Debezium(d) => d.settings(),
         }
     }
 
@@ -149,6 +166,8 @@ impl Attached {
     pub async fn metrics(&self) -> Option<String> {
         match self {
             Attached::Relay(r) => http_get(&r.http, "/metrics").await.ok().map(|(_, b)| b),
+            // Connect exposes JMX, not Prometheus text; the bench's own figures cover it.
+            Attached::Debezium(_) => None,
         }
     }
 
@@ -156,6 +175,7 @@ impl Attached {
     pub async fn stop(self) -> Result<()> {
         match self {
             Attached::Relay(r) => r.stop().await,
+            Attached::Debezium(d) => d.stop().await,
         }
     }
 }

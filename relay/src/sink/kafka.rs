@@ -6,10 +6,50 @@
 //! retried blindly.
 //!
 //! `QueueFull` is backpressure, not an error: the thread waits for deliveries and tries again.
+//!
+//! ## Two producers in turn (`kafka.transactional_producers = 2`)
+//!
+//! librdkafka speaks Kafka transactions v1 only: a transaction's first AddPartitionsToTxn,
+//! sent right after the previous commit returned, is answered `CONCURRENT_TRANSACTIONS` until
+//! the coordinator has written that commit's markers, and librdkafka retries it after a fixed
+//! 20 ms. Back-to-back commits therefore wait about 20 ms each. With two producers (the
+//! configured transactional id and `<id>.alt`), transaction N+1 runs on the producer that did
+//! not run N: its own last transaction (N-1) committed a whole transaction earlier, so its
+//! markers are written and its AddPartitionsToTxn is accepted at once.
+//!
+//! Why exactly-once still holds:
+//! - Commits stay strictly ordered with one in flight: the sink thread begins transaction N+1
+//!   (produces its first record) only after `commit_transaction` of N returned. So the
+//!   checkpoint records on the single-partition checkpoint topic are in commit order, and every
+//!   record of N+1 sits after every record of N in each partition (per-key order holds).
+//! - On start both producers call `init_transactions`, which fences older instances of both
+//!   transactional ids and aborts whichever transaction either left open; only then is the
+//!   checkpoint topic read (read_committed) to its end. Its last record for the relay's key is
+//!   the last transaction that committed, whichever producer ran it. At most one transaction
+//!   can be open at a crash (the one after the last commit), and it is aborted.
+//! - A relay that starts with 2 after running with 1 fences the old id as before; one that
+//!   goes back to 1 leaves `<id>.alt` unfenced, which is harmless only when no instance with 2
+//!   is still running (stop it first).
+//!
+//! ## At-least-once mode (`delivery = "at_least_once"`)
+//!
+//! The same backend, without Kafka transactions: an idempotent producer (`enable.idempotence`,
+//! which implies `acks=all`; no `transactional.id`), so the pipeline, the DLQ rerouting and the
+//! checkpoint logic stay one code path. `begin` does nothing; `commit` waits until every record
+//! of the batch is acknowledged (a failed delivery fails the batch, as it fails a transaction),
+//! then produces the checkpoint and waits for its acknowledgement too; only then does it
+//! return, and only then does the relay confirm the position to Postgres. So a checkpoint is
+//! never durable before the events it covers, and a crash repeats at most what followed the
+//! last durable checkpoint: duplicates are possible (the records of a failed or interrupted
+//! batch may have been written), loss is not. Records are visible to consumers as soon as they
+//! are acknowledged, without waiting for a commit. What is given up: duplicates after a crash,
+//! a failed delivery or a restart; and no fencing (a second relay on the same slot is kept out
+//! by Postgres, which lets one reader stream from a slot at a time, not by Kafka).
 
 use super::security::{await_connection, SecurityWatch};
 use super::{Backend, Returned, SinkError};
 use crate::checkpoint::Checkpoint;
+use crate::config::Delivery;
 use crate::outbox::OutRecord;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -37,6 +77,10 @@ pub struct KafkaSettings {
     pub create_topics: bool,
     /// librdkafka options passed through unchanged.
     pub librdkafka: BTreeMap<String, String>,
+    /// Kafka transactions (exactly once) or an idempotent producer (at least once).
+    pub delivery: Delivery,
+    /// Transactional producers used in turn (1 or 2; see "Two producers in turn").
+    pub transactional_producers: u8,
 }
 
 impl KafkaSettings {
@@ -56,6 +100,18 @@ impl KafkaSettings {
                 .iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
+            delivery: cfg.delivery,
+            transactional_producers: cfg.kafka.transactional_producers,
+        }
+    }
+
+    /// How long a batch may take before its failure means it can never succeed
+    /// ([`Pipeline::with_transaction_timeout`](crate::pipeline::Pipeline::with_transaction_timeout)):
+    /// the transaction timeout, or no limit at all without transactions.
+    pub fn transaction_limit(&self) -> Duration {
+        match self.delivery {
+            Delivery::ExactlyOnce => self.transaction_timeout,
+            Delivery::AtLeastOnce => Duration::MAX,
         }
     }
 }
@@ -65,7 +121,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct KafkaBackend {
     settings: KafkaSettings,
+    /// The producer the next transaction runs on.
     producer: Option<ThreadedProducer<SinkContext>>,
+    /// With two producers in turn, the other one (its last transaction's markers are being
+    /// written, or long written).
+    standby: Option<ThreadedProducer<SinkContext>>,
     deliveries: Arc<Deliveries>,
     admin: Option<AdminClient<DefaultClientContext>>,
     runtime: tokio::runtime::Handle,
@@ -76,6 +136,9 @@ pub struct KafkaBackend {
     poison: Poison,
     queue_full: Option<prometheus::IntCounter>,
     security: SecurityWatch,
+    /// How long into the last commit every record had been acknowledged.
+    /// (A cell: it is set while the producer is borrowed.)
+    delivered_after: std::cell::Cell<Option<Duration>>,
 }
 
 /// Records whose delivery failed with a definite error (too large for the broker, topic not
@@ -210,6 +273,7 @@ impl KafkaBackend {
         KafkaBackend {
             settings,
             producer: None,
+            standby: None,
             deliveries: Arc::new(Deliveries::default()),
             admin: None,
             runtime,
@@ -218,6 +282,7 @@ impl KafkaBackend {
             poison: Poison::default(),
             queue_full: None,
             security: SecurityWatch::default(),
+            delivered_after: std::cell::Cell::new(None),
         }
     }
 
@@ -310,9 +375,17 @@ impl KafkaBackend {
     /// transaction, no failed delivery report, absent even under read_uncommitted) on that
     /// path; it is not taken any more. One metadata round trip per topic and producer.
     fn await_partition_leaders(&self, topic: &str) -> Result<(), SinkError> {
-        let Some(producer) = &self.producer else {
-            return Ok(());
-        };
+        for producer in self.producer.iter().chain(&self.standby) {
+            self.await_partition_leaders_of(producer, topic)?;
+        }
+        Ok(())
+    }
+
+    fn await_partition_leaders_of(
+        &self,
+        producer: &ThreadedProducer<SinkContext>,
+        topic: &str,
+    ) -> Result<(), SinkError> {
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
             let md = producer
@@ -616,6 +689,11 @@ impl Deliveries {
         self.done.notify_all();
     }
 
+    /// Records sent and not yet reported.
+    fn outstanding(&self) -> u64 {
+        self.lock().outstanding
+    }
+
     /// Records of the open transaction reported failed, with the first error.
     fn failures(&self) -> Option<(u64, String)> {
         let st = self.lock();
@@ -748,13 +826,19 @@ fn is_retriable(e: &KafkaError) -> bool {
 impl Backend for KafkaBackend {
     fn open(&mut self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
         let mut config = self.base_config();
-        config
-            .set("transactional.id", &self.settings.transactional_id)
-            .set("enable.idempotence", "true")
-            .set(
-                "transaction.timeout.ms",
-                self.settings.transaction_timeout.as_millis().to_string(),
-            );
+        config.set("enable.idempotence", "true");
+        if self.exactly_once() {
+            config
+                .set("transactional.id", &self.settings.transactional_id)
+                .set(
+                    "transaction.timeout.ms",
+                    self.settings.transaction_timeout.as_millis().to_string(),
+                );
+        } else {
+            // Idempotence implies it; said explicitly, as the at-least-once promise rests on it
+            // (a record acknowledged by the leader alone could be lost with it).
+            config.set("acks", "all");
+        }
         // Low latency by default; the passthrough map may change these.
         if !self.settings.librdkafka.contains_key("linger.ms") {
             config.set("linger.ms", "1");
@@ -775,39 +859,37 @@ impl Backend for KafkaBackend {
         {
             config.set("queue.buffering.max.kbytes", "16384");
         }
-        let producer: ThreadedProducer<SinkContext> = config
-            .create_with_context(SinkContext {
-                deliveries: self.deliveries.clone(),
-                poison: self.poison.clone(),
-                security: self.security.clone(),
-            })
-            .map_err(|e| SinkError::Config(e.to_string()))?;
-        // A refused SASL login or an unverifiable broker certificate ends here, with the
-        // broker's reason, instead of in timeouts further on.
-        await_connection(
-            producer.client(),
-            &self.security,
-            &self.settings.bootstrap_servers,
-            CALL_TIMEOUT,
-        )?;
+        let producer = self.create_producer(&config)?;
         self.producer = Some(producer);
+        if self.exactly_once() && self.settings.transactional_producers >= 2 {
+            config.set("transactional.id", self.alternate_transactional_id());
+            let standby = self.create_producer(&config)?;
+            self.standby = Some(standby);
+        }
         let topic = self.settings.checkpoint_topic.clone();
         self.ensure_topic(&topic, 1, true)?;
-        // Fences any older producer with our transactional id and aborts its open transaction,
-        // so the checkpoint read below sees a settled topic.
-        let producer = self.producer()?;
-        let mut attempt = 0;
-        loop {
-            match producer.init_transactions(CALL_TIMEOUT) {
-                Ok(()) => break,
-                Err(e) if is_retriable(&e) && attempt < 3 => attempt += 1,
-                Err(e) => return Err(classify("init_transactions", e)),
+        // Fences any older producer with our transactional id(s) and aborts its open
+        // transaction, so the checkpoint read below sees a settled topic. With two producers,
+        // both: either may have died with a transaction open.
+        if self.exactly_once() {
+            for producer in self.producer.iter().chain(&self.standby) {
+                let mut attempt = 0;
+                loop {
+                    match producer.init_transactions(CALL_TIMEOUT) {
+                        Ok(()) => break,
+                        Err(e) if is_retriable(&e) && attempt < 3 => attempt += 1,
+                        Err(e) => return Err(classify("init_transactions", e)),
+                    }
+                }
             }
         }
         self.read_checkpoint(key)
     }
 
     fn begin(&mut self) -> Result<(), SinkError> {
+        if !self.exactly_once() {
+            return Ok(());
+        }
         self.producer()?
             .begin_transaction()
             .map_err(|e| classify("begin_transaction", e))
@@ -917,6 +999,10 @@ impl Backend for KafkaBackend {
     }
 
     fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SinkError> {
+        let started = Instant::now();
+        if !self.exactly_once() {
+            return self.checkpoint_after_delivery(checkpoint, started);
+        }
         let value = checkpoint.encode();
         let key = checkpoint.relay.clone();
         let topic = self.settings.checkpoint_topic.clone();
@@ -927,27 +1013,11 @@ impl Backend for KafkaBackend {
             Err(KafkaError::Transaction(te)) if te.code() == RDKafkaErrorCode::State => {}
             Err(e) => return Err(classify("begin_transaction", e)),
         }
-        let record = BaseRecord::with_opaque_to(&topic, self.deliveries.generation())
-            .partition(0)
-            .key(&key)
-            .payload(&value);
-        let mut record = record;
-        loop {
-            self.deliveries.sent();
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.deliveries.unsent();
-                    std::thread::sleep(Duration::from_millis(2));
-                    record = back;
-                }
-                Err((e, _)) => {
-                    let err = classify("produce checkpoint", e);
-                    let _ = producer.abort_transaction(CALL_TIMEOUT);
-                    self.deliveries.reset();
-                    return Err(err);
-                }
-            }
+        if let Err(e) = self.produce_checkpoint(producer, &topic, &key, &value) {
+            let err = classify("produce checkpoint", e);
+            let _ = producer.abort_transaction(CALL_TIMEOUT);
+            self.deliveries.reset();
+            return Err(err);
         }
         // rust-rdkafka's commit_transaction first flushes by polling the producer's queue in
         // steps of up to 100 ms; with the ThreadedProducer another thread serves that queue, so
@@ -955,6 +1025,7 @@ impl Backend for KafkaBackend {
         // serves at once, signalling `deliveries`) leaves nothing to flush and removes 100 ms from
         // every commit.
         self.deliveries.wait_all(CALL_TIMEOUT);
+        self.delivered_after.set(Some(started.elapsed()));
         if let Some((n, error)) = self.deliveries.failures() {
             // A fenced (or otherwise dead) producer purges its queue: that is the fatal error,
             // not an abortable one.
@@ -979,6 +1050,11 @@ impl Backend for KafkaBackend {
             match producer.commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
                     self.deliveries.reset();
+                    // The next transaction runs on the other producer, if there is one: this
+                    // one's markers are being written now (see "Two producers in turn").
+                    if self.standby.is_some() {
+                        std::mem::swap(&mut self.producer, &mut self.standby);
+                    }
                     return Ok(());
                 }
                 Err(e) if is_retriable(&e) && attempt < 5 => {
@@ -1004,6 +1080,12 @@ impl Backend for KafkaBackend {
     }
 
     fn abort(&mut self) -> Result<(), SinkError> {
+        if !self.exactly_once() {
+            // Nothing can be taken back: what was handed to the producer may still be written
+            // (a duplicate after the replay, never a loss). The checkpoint is not written.
+            self.deliveries.reset();
+            return Ok(());
+        }
         let res = self
             .producer()?
             .abort_transaction(CALL_TIMEOUT)
@@ -1011,6 +1093,123 @@ impl Backend for KafkaBackend {
         // Aborting purges what was not delivered: nothing of that transaction is awaited any more.
         self.deliveries.reset();
         res
+    }
+
+    fn delivered_after(&self) -> Option<Duration> {
+        self.delivered_after.get()
+    }
+}
+
+impl KafkaBackend {
+    /// A producer on `config`, connected (a refused SASL login or an unverifiable broker
+    /// certificate ends here, with the broker's reason, instead of in timeouts further on).
+    fn create_producer(
+        &self,
+        config: &ClientConfig,
+    ) -> Result<ThreadedProducer<SinkContext>, SinkError> {
+        let producer: ThreadedProducer<SinkContext> = config
+            .create_with_context(SinkContext {
+                deliveries: self.deliveries.clone(),
+                poison: self.poison.clone(),
+                security: self.security.clone(),
+            })
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        await_connection(
+            producer.client(),
+            &self.security,
+            &self.settings.bootstrap_servers,
+            CALL_TIMEOUT,
+        )?;
+        Ok(producer)
+    }
+
+    /// The second producer's transactional id.
+    fn alternate_transactional_id(&self) -> String {
+        format!("{}.alt", self.settings.transactional_id)
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.settings.delivery == Delivery::ExactlyOnce
+    }
+
+    /// At-least-once "commit" (see the module doc): every record of the batch acknowledged,
+    /// then the checkpoint written and acknowledged.
+    fn checkpoint_after_delivery(
+        &mut self,
+        checkpoint: &Checkpoint,
+        started: Instant,
+    ) -> Result<(), SinkError> {
+        self.await_deliveries("records of the batch")?;
+        self.delivered_after.set(Some(started.elapsed()));
+        let value = checkpoint.encode();
+        let key = checkpoint.relay.clone();
+        let topic = self.settings.checkpoint_topic.clone();
+        let producer = self.producer()?;
+        if let Err(e) = self.produce_checkpoint(producer, &topic, &key, &value) {
+            self.deliveries.reset();
+            return Err(match classify("produce checkpoint", e) {
+                SinkError::Unavailable(m) => SinkError::Aborted(m),
+                other => other,
+            });
+        }
+        self.await_deliveries("checkpoint")?;
+        self.deliveries.reset();
+        Ok(())
+    }
+
+    /// Hands the checkpoint record to `producer` (partition 0 of the checkpoint topic), waiting
+    /// while its queue is full.
+    fn produce_checkpoint(
+        &self,
+        producer: &ThreadedProducer<SinkContext>,
+        topic: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::with_opaque_to(topic, self.deliveries.generation())
+            .partition(0)
+            .key(key)
+            .payload(value);
+        loop {
+            self.deliveries.sent();
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.deliveries.unsent();
+                    std::thread::sleep(Duration::from_millis(2));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    self.deliveries.unsent();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Waits until every record sent so far is acknowledged. A failed delivery fails the batch
+    /// (fatal if the producer itself is dead), as does a report that does not come within the
+    /// call timeout: the checkpoint must not be written past a record that is not durable.
+    fn await_deliveries(&self, what: &str) -> Result<(), SinkError> {
+        self.deliveries.wait_all(CALL_TIMEOUT);
+        let producer = self.producer()?;
+        if let Some((n, error)) = self.deliveries.failures() {
+            self.deliveries.reset();
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                return Err(SinkError::Fatal(format!("producer: {code:?}: {reason}")));
+            }
+            return Err(SinkError::Aborted(format!(
+                "{n} of the {what} failed delivery, the first with: {error}; the batch is sent again"
+            )));
+        }
+        let outstanding = self.deliveries.outstanding();
+        if outstanding > 0 {
+            self.deliveries.reset();
+            return Err(SinkError::Unavailable(format!(
+                "{outstanding} of the {what} not acknowledged within {CALL_TIMEOUT:?}"
+            )));
+        }
+        Ok(())
     }
 }
 

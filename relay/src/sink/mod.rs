@@ -107,6 +107,9 @@ pub struct Committed {
     pub bytes: usize,
     /// How long `commit` took.
     pub commit_duration: Duration,
+    /// How long into `commit` every record of the transaction had been acknowledged, when the
+    /// backend knows (for `relay_stage_seconds{stage="delivered"}`).
+    pub delivered_after: Option<Duration>,
     /// Records the sink sent to the DLQ topic instead of their own (see
     /// [`SinkError::Rejected`]), and their value bytes: the relay counts them as DLQ records,
     /// not as events.
@@ -128,6 +131,11 @@ pub trait Backend: Send + 'static {
     fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SinkError>;
     /// Aborts the open transaction, if any.
     fn abort(&mut self) -> Result<(), SinkError>;
+    /// How long into the last `commit` every record of its transaction had been acknowledged,
+    /// if the backend measures it.
+    fn delivered_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 enum Command {
@@ -356,6 +364,7 @@ fn run_thread<B: Backend>(
                             records: n,
                             bytes: b,
                             commit_duration: started.elapsed(),
+                            delivered_after: backend.delivered_after(),
                             rerouted,
                             rerouted_bytes,
                         }));
