@@ -227,6 +227,10 @@ pub struct Phase {
     pub machine_total_s: f64,
     /// relay_stage_seconds per stage: (p50, p99) in ms, when the relay exports it.
     pub stages: BTreeMap<String, (f64, f64)>,
+    /// Kafka transactions the relay committed (`relay_kafka_transactions_total`), when exported.
+    pub kafka_transactions: Option<f64>,
+    /// One Kafka transaction's commit (`relay_kafka_commit_seconds`): (p50, p99) in ms.
+    pub kafka_commit_ms: Option<(f64, f64)>,
     #[serde(skip)]
     pub latencies_us: Vec<i64>,
     #[serde(skip)]
@@ -579,10 +583,12 @@ async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
     };
     let mut stages = BTreeMap::new();
     let mut settings = vec![];
+    let mut kafka = (None, None);
     if let Some(a) = attached {
         settings = a.settings();
         if let Some(m) = a.metrics().await {
             stages = report::stage_quantiles(&m);
+            kafka = report::kafka_transactions(&m);
         }
         let stopped = a.stop().await;
         drop_slot(&ctx.admin, slot.as_deref()).await;
@@ -621,6 +627,8 @@ async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
         table_end,
         poll_query,
         stages,
+        kafka_transactions: kafka.0,
+        kafka_commit_ms: kafka.1,
         ..Phase::default()
     };
     let mut cl = w.commit_latency_us.clone();

@@ -79,6 +79,23 @@ pub fn stage_quantiles(metrics: &str) -> BTreeMap<String, (f64, f64)> {
     out
 }
 
+/// Kafka transactions the relay committed, and one commit's p50 and p99 in ms, from its /metrics.
+pub fn kafka_transactions(metrics: &str) -> (Option<f64>, Option<(f64, f64)>) {
+    let committed = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("relay_kafka_transactions_total{") && l.contains("outcome=\"committed\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b);
+    let q = |q| histogram_quantile(metrics, "relay_kafka_commit_seconds", &[], q);
+    let commit = match (q(0.5), q(0.99)) {
+        (Some(a), Some(b)) => Some((a * 1000.0, b * 1000.0)),
+        _ => None,
+    };
+    (committed, commit)
+}
+
 /// One line per finished phase, above the progress bar.
 pub fn phase_line(p: &Phase) -> String {
     let rate = if p.target_rate == 0 {
@@ -167,6 +184,11 @@ pub struct Row {
     pub poll_blks_hit: Option<i64>,
     pub poll_blks_read: Option<i64>,
     pub stages: BTreeMap<String, (f64, f64)>,
+    /// Events per committed Kafka transaction.
+    pub events_per_kafka_tx: Option<f64>,
+    /// One Kafka commit, p50 / p99 ms, averaged over the phases.
+    pub kafka_commit_p50_ms: Option<f64>,
+    pub kafka_commit_p99_ms: Option<f64>,
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -256,6 +278,16 @@ fn pool(ps: &[&Phase]) -> Row {
                 .sum()
         }),
         stages: ps.last().map(|p| p.stages.clone()).unwrap_or_default(),
+        events_per_kafka_tx: {
+            let txs: f64 = ps.iter().filter_map(|p| p.kafka_transactions).sum();
+            (txs > 0.0).then(|| written as f64 / txs)
+        },
+        kafka_commit_p50_ms: first
+            .kafka_commit_ms
+            .map(|_| mean(ps.iter().filter_map(|p| p.kafka_commit_ms).map(|k| k.0))),
+        kafka_commit_p99_ms: first
+            .kafka_commit_ms
+            .map(|_| mean(ps.iter().filter_map(|p| p.kafka_commit_ms).map(|k| k.1))),
     }
 }
 
@@ -448,6 +480,23 @@ impl Report {
                 r.machine_busy_pct, r.commit_p50_ms, r.commit_p99_ms,
                 b.map_or("-".into(), |b| format!("{:.2} / {:.2}", b.commit_p50_ms, b.commit_p99_ms)),
             );
+        }
+        if self.rows.iter().any(|r| r.events_per_kafka_tx.is_some()) {
+            let _ = writeln!(m, "\n## The relay's Kafka transactions\n");
+            let _ = writeln!(m, "From the relay's /metrics: `relay_kafka_transactions_total` (committed) and `relay_kafka_commit_seconds` (interpolated in its buckets).\n");
+            let _ = writeln!(m, "| contender | rate/s | events per Kafka transaction | one Kafka commit p50 / p99 ms |\n|---|---:|---:|---:|");
+            for r in &self.rows {
+                let o = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} / {} |",
+                    r.contender,
+                    r.rate,
+                    o(r.events_per_kafka_tx),
+                    o(r.kafka_commit_p50_ms),
+                    o(r.kafka_commit_p99_ms)
+                );
+            }
         }
         let _ = writeln!(m, "\n## Database side\n");
         let _ = writeln!(m, "WAL per event over the phase (everything Postgres wrote), and what the relay adds beyond the `none` phase at the same rate. \
