@@ -46,6 +46,9 @@ fn ab_at_tiny_rates_delivers_every_event_once_and_writes_its_report() {
             "2",
             "--drain-timeout",
             "60s",
+            // A short warm-up: exercised, and not counted in the phase's figures.
+            "--warmup",
+            "1s",
         ])
         .arg("--relay-bin")
         .arg(relay_bin())

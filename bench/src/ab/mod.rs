@@ -112,6 +112,12 @@ pub struct Opts {
     /// How long to wait for the last events after the writers stop before counting the rest lost.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Writing time of the warm-up at the start of every phase with a contender: events written
+    /// at the phase's rate and awaited, not measured. A contender starts fresh in every phase,
+    /// and a JVM's (Debezium's) first seconds run interpreted code; without a warm-up its
+    /// figures would be its start-up's. 0s turns it off.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub warmup: Duration,
     /// Skip the fixed-rate phases (run only --ceiling and/or the sweep).
     #[arg(long)]
     pub skip_fixed: bool,
@@ -488,6 +494,29 @@ fn describe(s: &PhaseSpec) -> String {
     format!("{:?} round {} {who} {rate}{v}", s.kind, s.round).to_lowercase()
 }
 
+/// Writes the warm-up events and waits until the contender has delivered every one of them
+/// (its reader starts at the topic's end, so the measured phase's reader sees none of them).
+async fn warm_up(
+    ctx: &mut Ctx,
+    topic: &str,
+    warm: &writer::WriteSpec,
+    bound: Duration,
+) -> Result<()> {
+    let r = reader::Reader::start(&ctx.bootstrap, topic, warm.base, warm.capacity())?;
+    let w = writer::write(&ctx.db_url, warm, AGGREGATE_TYPE).await?;
+    ctx.next_seq = warm.base + w.commit_us.len() as u64 + 1;
+    let start = Instant::now();
+    while r.distinct() < w.events && start.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (got, want) = (r.distinct(), w.events);
+    r.finish();
+    if got < want {
+        bail!("warm-up: {got} of {want} events delivered within {bound:?}; the contender is not moving events");
+    }
+    Ok(())
+}
+
 async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
     ctx.phase_no += 1;
     let label = spec.contender.map_or("none".to_owned(), |c| c.namespace());
@@ -496,7 +525,7 @@ async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
     // beginning, and table size and dead tuples are then comparable between phases.
     ctx.admin.batch_execute("TRUNCATE outbox").await?;
     pgstats::reset_statements(&ctx.admin).await?;
-    let wspec = writer::WriteSpec {
+    let mut wspec = writer::WriteSpec {
         rate: spec.rate,
         duration: spec.duration,
         rows_per_tx: ctx.opts.rows_per_tx.max(1),
@@ -544,6 +573,23 @@ async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
             }
         };
         attached = Some(a);
+        if !ctx.opts.warmup.is_zero() {
+            let warm = writer::WriteSpec {
+                duration: ctx.opts.warmup,
+                // Unthrottled phases warm up at a modest rate: the point is a warm contender.
+                rate: if spec.rate > 0 { spec.rate } else { 1000 },
+                ..wspec.clone()
+            };
+            let warmed = warm_up(ctx, &topic, &warm, spec.drain_bound).await;
+            if let Err(e) = warmed {
+                if let Some(a) = attached.take() {
+                    let _ = a.stop().await;
+                }
+                drop_slot(&ctx.admin, slot.as_deref()).await;
+                return Err(e);
+            }
+            wspec.base = ctx.next_seq;
+        }
         reader = Some(reader::Reader::start(
             &ctx.bootstrap,
             &topic,
