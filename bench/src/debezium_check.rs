@@ -9,6 +9,7 @@
 //! (distinct seqs seen), lost (written, never seen), duplicated (seen more than once).
 //! Latency is commit-returned to first arrival, both clocks of this process.
 
+use crate::ab::reader::parse_seq;
 use crate::debezium::{DebeziumRun, DebeziumSettings};
 use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -32,50 +33,6 @@ pub struct Opts {
     pub rate: u32,
     pub writers: u32,
     pub wait: Duration,
-}
-
-/// The number after the payload's `seq` key, in a record value that is the payload's JSON text or
-/// that text as a JSON-escaped string (`{\"seq\": 5}`): the first `seq` in quotes, then optional
-/// blanks, a colon, blanks, and digits. `None` when there is none or it does not fit a u64. Reads
-/// external bytes: it never panics.
-pub fn seq_of(value: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"seq";
-    let mut from = 0;
-    while let Some(at) = value
-        .get(from..)?
-        .windows(KEY.len())
-        .position(|w| w == KEY)
-        .map(|p| p + from)
-    {
-        from = at + KEY.len();
-        // A key: a quote right before it and one right after it, that one maybe escaped.
-        let mut i = from;
-        if value.get(i) == Some(&b'\\') {
-            i += 1;
-        }
-        if at == 0 || value.get(at - 1) != Some(&b'"') || value.get(i) != Some(&b'"') {
-            continue;
-        }
-        i += 1;
-        while value.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        if value.get(i) != Some(&b':') {
-            continue;
-        }
-        i += 1;
-        while value.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        let digits = value
-            .get(i..)?
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        let text = std::str::from_utf8(value.get(i..i + digits)?).ok()?;
-        return text.parse().ok();
-    }
-    None
 }
 
 /// The 1-minute load average: on a shared 2-core machine the latency figures mean little when it
@@ -141,7 +98,7 @@ fn start_reader(
                 continue;
             };
             let now = crate::now_us();
-            let seq = m.payload().and_then(seq_of);
+            let seq = m.payload().and_then(parse_seq);
             let Ok(mut a) = a.lock() else { return };
             match seq.and_then(|s| usize::try_from(s).ok()).filter(|&s| s < n) {
                 Some(s) => {
@@ -457,43 +414,4 @@ async fn measure(
         report.insert(k.to_owned(), v);
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seq_is_found_in_jsonb_text_and_in_an_escaped_string() {
-        assert_eq!(seq_of(br#"{"pad": "xx", "seq": 42}"#), Some(42));
-        assert_eq!(seq_of(br#"{"seq":7,"pad":"x"}"#), Some(7));
-        assert_eq!(seq_of(br#""{\"pad\": \"xx\", \"seq\": 42}""#), Some(42));
-        assert_eq!(seq_of(br#"{"seqs": 1, "seq": 3}"#), Some(3));
-        assert_eq!(seq_of(br#"{"pad": "seq", "seq": 9}"#), Some(9));
-    }
-
-    #[test]
-    fn seq_is_none_when_absent_truncated_or_too_large() {
-        for v in [
-            &b""[..],
-            b"seq",
-            b"\"seq\"",
-            b"{\"seq\":",
-            b"{\"seq\": \"5\"}",
-            b"{\"seq\": 99999999999999999999999}",
-            b"{\"pad\": 1}",
-            b"\\",
-        ] {
-            assert_eq!(seq_of(v), None, "{:?}", String::from_utf8_lossy(v));
-        }
-    }
-
-    #[test]
-    fn seq_of_never_panics_on_any_prefix_of_a_value() {
-        let v = br#""{\"pad\": \"xx\", \"seq\": 1234}""#;
-        for end in 0..=v.len() {
-            let _ = seq_of(&v[..end]);
-            let _ = seq_of(&v[end..]);
-        }
-    }
 }

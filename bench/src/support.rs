@@ -64,7 +64,8 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
 }
 
 /// Quantile estimate of a Prometheus histogram in a /metrics text, over the series whose labels
-/// contain every one of `labels` (e.g. `relay="cdc"`), interpolated linearly inside a bucket.
+/// contain every one of `labels` (e.g. `relay="cdc"`), summed per bucket, interpolated linearly
+/// inside a bucket.
 pub fn histogram_quantile(metrics: &str, name: &str, labels: &[&str], q: f64) -> Option<f64> {
     let mut buckets: Vec<(f64, f64)> = metrics
         .lines()
@@ -82,7 +83,17 @@ pub fn histogram_quantile(metrics: &str, name: &str, labels: &[&str], q: f64) ->
             Some((le, v))
         })
         .collect();
+    // Several series can match (a relay exports `stage` series for both of its kinds, one of them
+    // empty): add their buckets up per bound, as Prometheus's `sum by (le)` does. Taken one by
+    // one, an empty series' `+Inf` bucket would sort last and read as a total of zero.
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets.dedup_by(|later, first| {
+        let same = later.0 == first.0;
+        if same {
+            first.1 += later.1;
+        }
+        same
+    });
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;
@@ -157,4 +168,31 @@ pub fn machine_cpu() -> Option<(f64, f64)> {
     let total: f64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
     Some(((total - idle) / 100.0, total / 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantile_adds_up_every_matching_series() {
+        // The relay exports the stage for both kinds; the poll series is empty here. Alone,
+        // its +Inf bucket (0) used to sort last and hide the cdc series.
+        let text = "\
+h_bucket{relay=\"cdc\",stage=\"x\",le=\"0.01\"} 50
+h_bucket{relay=\"cdc\",stage=\"x\",le=\"0.1\"} 100
+h_bucket{relay=\"cdc\",stage=\"x\",le=\"+Inf\"} 100
+h_bucket{relay=\"poll\",stage=\"x\",le=\"0.01\"} 0
+h_bucket{relay=\"poll\",stage=\"x\",le=\"0.1\"} 0
+h_bucket{relay=\"poll\",stage=\"x\",le=\"+Inf\"} 0
+";
+        let p50 = histogram_quantile(text, "h", &["stage=\"x\""], 0.5).unwrap();
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        let p99 = histogram_quantile(text, "h", &["stage=\"x\""], 0.99).unwrap();
+        assert!(p99 > 0.09 && p99 <= 0.1, "{p99}");
+        assert_eq!(
+            histogram_quantile(text, "h", &["relay=\"poll\""], 0.5),
+            None
+        );
+    }
 }

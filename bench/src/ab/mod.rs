@@ -21,7 +21,7 @@
 mod contender;
 mod pgstats;
 mod plot;
-mod reader;
+pub mod reader;
 mod report;
 mod writer;
 
@@ -633,6 +633,8 @@ async fn run_phase(ctx: &mut Ctx, spec: &PhaseSpec) -> Result<Phase> {
     if let Some(a) = attached {
         settings = a.settings();
         if let Some(m) = a.metrics().await {
+            // Kept beside the relay's log (ignored by git): what the figures were read from.
+            let _ = std::fs::write(ctx.work_dir.join(format!("{tag}.metrics")), &m);
             stages = report::stage_quantiles(&m);
             kafka = report::kafka_transactions(&m);
         }

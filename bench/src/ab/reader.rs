@@ -22,39 +22,46 @@ use std::time::{Duration, Instant};
 /// first events of a phase do not wait for a topic to be created.
 pub const PARTITIONS: i32 = 6;
 
-/// Extracts N from `"seq": N` in a record value, also when the JSON is itself a JSON-escaped
-/// string (`\"seq\": N`, as Debezium may render a jsonb column). Never panics.
+/// The number after the payload's `seq` key, in a record value that is the payload's JSON text or
+/// that text as a JSON-escaped string (`{\"seq\": 5}`): the first `seq` in quotes, then optional
+/// blanks, a colon, blanks, and digits. `None` when there is none or it does not fit a u64. Reads
+/// external bytes: it never panics.
 pub fn parse_seq(value: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"seq";
     let mut from = 0;
-    while let Some(pos) = value
+    while let Some(at) = value
         .get(from..)?
-        .windows(3)
-        .position(|w| w == b"seq")
+        .windows(KEY.len())
+        .position(|w| w == KEY)
         .map(|p| p + from)
     {
-        from = pos + 3;
+        from = at + KEY.len();
+        // A key: a quote right before it and one right after it, that one maybe escaped.
         let mut i = from;
-        let skip = |i: &mut usize, set: &[u8]| {
-            while value.get(*i).is_some_and(|b| set.contains(b)) {
-                *i += 1;
-            }
-        };
-        skip(&mut i, b"\\\" ");
+        if value.get(i) == Some(&b'\\') {
+            i += 1;
+        }
+        if at == 0 || value.get(at - 1) != Some(&b'"') || value.get(i) != Some(&b'"') {
+            continue;
+        }
+        i += 1;
+        while value.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
         if value.get(i) != Some(&b':') {
             continue;
         }
         i += 1;
-        skip(&mut i, b"\\\" ");
-        let mut n: u64 = 0;
-        let mut digits = 0;
-        while let Some(d) = value.get(i).filter(|b| b.is_ascii_digit()) {
-            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-            digits += 1;
+        while value.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
             i += 1;
         }
-        if digits > 0 {
-            return Some(n);
-        }
+        let digits = value
+            .get(i..)?
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        let text = std::str::from_utf8(value.get(i..i + digits)?).ok()?;
+        return text.parse().ok();
     }
     None
 }
@@ -208,6 +215,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn seq_is_found_in_jsonb_text_and_in_an_escaped_string() {
+        assert_eq!(parse_seq(br#"{"pad": "xx", "seq": 42}"#), Some(42));
+        assert_eq!(parse_seq(br#"{"seq":7,"pad":"x"}"#), Some(7));
+        assert_eq!(parse_seq(br#""{\"pad\": \"xx\", \"seq\": 42}""#), Some(42));
+        assert_eq!(parse_seq(br#"{"seqs": 1, "seq": 3}"#), Some(3));
+        assert_eq!(parse_seq(br#"{"pad": "seq", "seq": 9}"#), Some(9));
+    }
+
+    #[test]
+    fn seq_is_none_when_absent_truncated_or_too_large() {
+        for v in [
+            &b""[..],
+            b"seq",
+            b"\"seq\"",
+            b"{\"seq\":",
+            b"{\"seq\": \"5\"}",
+            b"{\"seq\": 99999999999999999999999}",
+            b"{\"pad\": 1}",
+            b"\\",
+        ] {
+            assert_eq!(parse_seq(v), None, "{:?}", String::from_utf8_lossy(v));
+        }
+    }
+
+    #[test]
+    fn parse_seq_never_panics_on_any_prefix_of_a_value() {
+        let v = br#""{\"pad\": \"xx\", \"seq\": 1234}""#;
+        for end in 0..=v.len() {
+            let _ = parse_seq(&v[..end]);
+            let _ = parse_seq(&v[end..]);
+        }
+    }
+
+    #[test]
     fn seq_is_found_in_plain_and_escaped_json() {
         assert_eq!(parse_seq(br#"{"pad": "x", "seq": 123}"#), Some(123));
         assert_eq!(parse_seq(br#"{"seq":7,"pad":"y"}"#), Some(7));
@@ -215,7 +256,7 @@ mod tests {
             parse_seq(br#"{"payload":"{\"pad\": \"x\", \"seq\": 98765}"}"#),
             Some(98765)
         );
-        // A key that merely contains "seq" but has no number after it is skipped.
+        // A key that merely contains "seq" is skipped.
         assert_eq!(parse_seq(br#"{"seqx": "a", "seq": 5}"#), Some(5));
     }
 
