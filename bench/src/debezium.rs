@@ -203,17 +203,9 @@ async fn rest(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Res
         .await
         .map_err(|_| anyhow!("{method} http://{addr}{path}: no answer within 30 s"))?
         .with_context(|| format!("{method} http://{addr}{path}"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+    Ok(crate::support::http_response(&String::from_utf8_lossy(
+        &buf,
+    )))
 }
 
 /// Runs `scripts/connect` with `args`; on failure the error carries the script's own message.

@@ -126,16 +126,22 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
-    let code = buf
+    Ok(http_response(&buf))
+}
+
+/// The status code (0 if unreadable) and the body of an HTTP/1.1 response read to its end
+/// (`Connection: close`, no chunked encoding expected from the servers the bench talks to).
+pub fn http_response(text: &str) -> (u16, String) {
+    let code = text
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = buf
+    let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    Ok((code, body))
+    (code, body)
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released at once).
