@@ -340,8 +340,10 @@ async fn run_in(
         phases.push(p);
         bar.inc(1);
         // A partial report after every phase: a run that fails late keeps what it measured.
-        report::Report::build(&o, machine.clone(), started, phases.clone(), vec![])
-            .write(&o.out)?;
+        write_report(
+            &report::Report::build(&o, machine.clone(), started, phases.clone(), vec![]),
+            &o.out,
+        )?;
     }
     // The ceiling: per contender, ×factor until it falls behind, or until the writers cannot
     // commit the rate with it attached: then Postgres on this machine is the limit, not the relay
@@ -410,9 +412,48 @@ async fn run_in(
     }
     bar.finish_and_clear();
     let rep = report::Report::build(&o, machine, started, phases, ceilings);
-    rep.write(&o.out)?;
+    write_report(&rep, &o.out)?;
     println!("{}", rep.stdout_table());
     println!("report: {}", o.out.join("report.md").display());
+    Ok(())
+}
+
+/// Writes `report.json`, the SVG plots and `report.md` (which links them) under `out`. Here, not
+/// in `report.rs`: the plots draw the report's rows, and the report must not import its plots.
+fn write_report(rep: &report::Report, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(rep)?)?;
+    let mut plots = Vec::new();
+    if !rep.rows.is_empty() {
+        plot::by_rate(
+            &out.join("latency.svg"),
+            "commit → visible (read_committed), ms: p50 dashed, p99 solid",
+            &rep.rows,
+            &[
+                (|r: &report::Row| r.latency_p50_ms, true),
+                (|r: &report::Row| r.latency_p99_ms, false),
+            ],
+        )?;
+        plot::by_rate(
+            &out.join("db_cpu.svg"),
+            "database backend serving the relay, % of one core",
+            &rep.rows,
+            &[(|r: &report::Row| r.db_backend_cpu_pct, false)],
+        )?;
+        plots.push(("Latency by rate", "latency.svg"));
+        plots.push(("Database CPU by rate", "db_cpu.svg"));
+    }
+    let sweep: Vec<report::Row> = rep
+        .sweep
+        .iter()
+        .filter(|r| r.variant.is_some())
+        .cloned()
+        .collect();
+    if !sweep.is_empty() {
+        plot::sweep(&out.join("sweep.svg"), &sweep)?;
+        plots.push(("poll.interval sweep", "sweep.svg"));
+    }
+    std::fs::write(out.join("report.md"), rep.markdown(&plots))?;
     Ok(())
 }
 

@@ -1,14 +1,13 @@
 //! The report of `relay-bench ab`: per contender and rate, the phases of all rounds pooled
 //! (latency percentiles over every event, costs averaged per phase), beside the `none` baseline;
-//! written as `report.json`, `report.md` and SVG plots, and a table on stdout.
+//! rendered as JSON, Markdown and a table on stdout (`mod.rs` writes the files and has `plot.rs`
+//! draw the SVGs, so that this module does not import its plots).
 
-use super::{plot, Kind, Opts, Phase};
+use super::{Kind, Opts, Phase};
 use crate::support::{histogram_quantile, percentile};
-use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// The machine the run was measured on, and what else was running when it started.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -410,44 +409,8 @@ impl Report {
         }
     }
 
-    pub fn write(&self, out: &Path) -> Result<()> {
-        std::fs::create_dir_all(out)?;
-        std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(self)?)?;
-        let mut plots = Vec::new();
-        if !self.rows.is_empty() {
-            plot::by_rate(
-                &out.join("latency.svg"),
-                "commit → visible (read_committed), ms: p50 dashed, p99 solid",
-                &self.rows,
-                &[
-                    (|r: &Row| r.latency_p50_ms, true),
-                    (|r: &Row| r.latency_p99_ms, false),
-                ],
-            )?;
-            plot::by_rate(
-                &out.join("db_cpu.svg"),
-                "database backend serving the relay, % of one core",
-                &self.rows,
-                &[(|r: &Row| r.db_backend_cpu_pct, false)],
-            )?;
-            plots.push(("Latency by rate", "latency.svg"));
-            plots.push(("Database CPU by rate", "db_cpu.svg"));
-        }
-        let sweep: Vec<Row> = self
-            .sweep
-            .iter()
-            .filter(|r| r.variant.is_some())
-            .cloned()
-            .collect();
-        if !sweep.is_empty() {
-            plot::sweep(&out.join("sweep.svg"), &sweep)?;
-            plots.push(("poll.interval sweep", "sweep.svg"));
-        }
-        std::fs::write(out.join("report.md"), self.markdown(&plots))?;
-        Ok(())
-    }
-
-    fn markdown(&self, plots: &[(&str, &str)]) -> String {
+    /// The Markdown report, with links to the plots written beside it (`(title, file)`).
+    pub fn markdown(&self, plots: &[(&str, &str)]) -> String {
         let mut m = String::new();
         let _ = writeln!(m, "# relay-bench ab\n");
         let opts: Vec<String> = self

@@ -960,40 +960,28 @@ impl Backend for KafkaBackend {
                 value: Some(&v[..]),
             });
         }
-        let mut record = BaseRecord::with_opaque_to(&r.topic, self.deliveries.generation())
+        let record = BaseRecord::with_opaque_to(&r.topic, self.deliveries.generation())
             .key(&r.key[..])
             .payload(&r.value[..])
             .headers(headers);
-        loop {
-            self.deliveries.sent();
-            match producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.deliveries.unsent();
-                    // Backpressure: the producer's own thread delivers meanwhile.
-                    if let Some(c) = &self.queue_full {
-                        c.inc();
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                    record = back;
+        let sent = self.send_waiting(producer, record);
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some((class, keep_value)) =
+                    e.rdkafka_error_code().and_then(definite_record_error)
+                {
+                    // librdkafka checks a record against message.max.bytes before it
+                    // queues it: this one can never be written, to any partition.
+                    let reason = format!("produce to {}: {e}", r.topic);
+                    return Err(SinkError::Rejected {
+                        reason,
+                        class,
+                        keep_value,
+                        record: Returned(Some(Box::new(r))),
+                    });
                 }
-                Err((e, _)) => {
-                    self.deliveries.unsent();
-                    if let Some((class, keep_value)) =
-                        e.rdkafka_error_code().and_then(definite_record_error)
-                    {
-                        // librdkafka checks a record against message.max.bytes before it
-                        // queues it: this one can never be written, to any partition.
-                        let reason = format!("produce to {}: {e}", r.topic);
-                        return Err(SinkError::Rejected {
-                            reason,
-                            class,
-                            keep_value,
-                            record: Returned(Some(Box::new(r))),
-                        });
-                    }
-                    return Err(classify("produce", e));
-                }
+                Err(classify("produce", e))
             }
         }
     }
@@ -1157,25 +1145,28 @@ impl KafkaBackend {
         Ok(())
     }
 
-    /// Hands the checkpoint record to `producer` (partition 0 of the checkpoint topic), waiting
-    /// while its queue is full.
-    fn produce_checkpoint(
+    /// Hands one record to `producer`, counting it as awaiting its delivery report, and waits
+    /// while the producer's queue is full (backpressure: the producer's own thread delivers
+    /// meanwhile; `relay_kafka_queue_full_total` counts the waits). Any other error is
+    /// returned with the record uncounted. Runs on the sink thread, never in async code.
+    fn send_waiting<K, P>(
         &self,
         producer: &ThreadedProducer<SinkContext>,
-        topic: &str,
-        key: &str,
-        value: &[u8],
-    ) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::with_opaque_to(topic, self.deliveries.generation())
-            .partition(0)
-            .key(key)
-            .payload(value);
+        mut record: BaseRecord<'_, K, P, usize>,
+    ) -> Result<(), KafkaError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
         loop {
             self.deliveries.sent();
             match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     self.deliveries.unsent();
+                    if let Some(c) = &self.queue_full {
+                        c.inc();
+                    }
                     std::thread::sleep(Duration::from_millis(2));
                     record = back;
                 }
@@ -1185,6 +1176,22 @@ impl KafkaBackend {
                 }
             }
         }
+    }
+
+    /// Hands the checkpoint record to `producer` (partition 0 of the checkpoint topic), waiting
+    /// while its queue is full.
+    fn produce_checkpoint(
+        &self,
+        producer: &ThreadedProducer<SinkContext>,
+        topic: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), KafkaError> {
+        let record = BaseRecord::with_opaque_to(topic, self.deliveries.generation())
+            .partition(0)
+            .key(key)
+            .payload(value);
+        self.send_waiting(producer, record)
     }
 
     /// Waits until every record sent so far is acknowledged. A failed delivery fails the batch
