@@ -1308,12 +1308,7 @@ impl CdcSettings {
             heartbeat_interval: cfg.cdc.heartbeat(),
             status_interval: cfg.cdc.status_interval,
             proto_version: cfg.cdc.proto_version,
-            batch: BatchLimits {
-                max_events: cfg.batch.max_events,
-                max_bytes: cfg.batch.max_bytes,
-                max_delay: cfg.batch.max_delay,
-                min_interval: cfg.batch.min_interval,
-            },
+            batch: BatchLimits::from_config(&cfg.batch),
             kafka: KafkaSettings::from_config(cfg, crate::config::RelayKind::Cdc),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             shutdown_timeout: cfg.shutdown.timeout,

@@ -14,8 +14,8 @@
 //! Kafka transaction.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::RelayKind;
@@ -54,6 +54,10 @@ pub mod names {
     pub const SKIPPED_TRANSACTIONS_TOTAL: &str = "relay_skipped_transactions_total";
     /// Times the producer queue was full (backpressure, not an error).
     pub const KAFKA_QUEUE_FULL_TOTAL: &str = "relay_kafka_queue_full_total";
+    /// Seconds due batches were held back by the commit-rate pacer, by relay.
+    pub const PACING_WAIT_SECONDS_TOTAL: &str = "relay_pacing_wait_seconds_total";
+    /// Batches the commit-rate pacer held back, by relay.
+    pub const PACED_BATCHES_TOTAL: &str = "relay_paced_batches_total";
     /// Records written to the DLQ topic instead of their event (committed), by relay.
     pub const DLQ_RECORDS_TOTAL: &str = "relay_dlq_records_total";
     /// Sessions in a row that ended in an error (0 once a session streams again), by relay.
@@ -293,6 +297,8 @@ pub struct Metrics {
     ignored_changes: IntCounterVec,
     skipped_transactions: IntCounter,
     kafka_queue_full: IntCounterVec,
+    pacing_wait: CounterVec,
+    paced_batches: IntCounterVec,
     dlq_records: IntCounterVec,
     consecutive_failures: IntGaugeVec,
     up: IntGauge,
@@ -446,6 +452,22 @@ impl Metrics {
                 "Times the Kafka producer queue was full (backpressure).",
                 relay,
             )?,
+            pacing_wait: register(
+                &registry,
+                CounterVec::new(
+                    Opts::new(
+                        names::PACING_WAIT_SECONDS_TOTAL,
+                        "Seconds batches that were due waited for the commit-rate pacer (batch.max_commit_rate): the latency pacing added, summed over batches.",
+                    ),
+                    relay,
+                )?,
+            )?,
+            paced_batches: counter_vec(
+                &registry,
+                names::PACED_BATCHES_TOTAL,
+                "Batches the commit-rate pacer (batch.max_commit_rate) held back after they were due.",
+                relay,
+            )?,
             dlq_records: counter_vec(
                 &registry,
                 names::DLQ_RECORDS_TOTAL,
@@ -513,6 +535,7 @@ impl Metrics {
                 self.stage_seconds(relay, stage);
             }
             self.kafka_queue_full(relay);
+            self.pacing(relay);
             self.dlq_records(relay);
             self.consecutive_failures(relay);
         }
@@ -596,6 +619,15 @@ impl Metrics {
     /// `relay_kafka_queue_full_total{relay}`.
     pub fn kafka_queue_full(&self, relay: RelayKind) -> IntCounter {
         self.kafka_queue_full.with_label_values(&[relay.as_str()])
+    }
+
+    /// `relay_pacing_wait_seconds_total{relay}` and `relay_paced_batches_total{relay}`.
+    pub fn pacing(&self, relay: RelayKind) -> (Counter, IntCounter) {
+        let l = [relay.as_str()];
+        (
+            self.pacing_wait.with_label_values(&l),
+            self.paced_batches.with_label_values(&l),
+        )
     }
 
     /// `relay_dlq_records_total{relay}`.
@@ -950,14 +982,14 @@ mod tests {
         let m = Metrics::new().unwrap();
         assert_eq!(
             m.registry().gather().len(),
-            26,
+            28,
             "every metric without a slot label is gathered from the start"
         );
         m.init_slot_series("outbox_relay", true, true);
         let families = m.registry().gather();
         assert_eq!(
             families.len(),
-            36,
+            38,
             "every slot metric is gathered once its slot's series exist"
         );
         for f in &families {

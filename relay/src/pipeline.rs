@@ -62,10 +62,78 @@ pub struct BatchLimits {
     pub max_events: usize,
     pub max_bytes: usize,
     pub max_delay: Duration,
-    /// The least time between two batches' closes (0: none). A batch that is due earlier waits
-    /// and grows: this caps the Kafka transaction rate (and the broker's work per event) at
-    /// `1 / min_interval`, at up to that much latency.
-    pub min_interval: Duration,
+    /// How fast batches may close (see [`Pacing`]).
+    pub pacing: Pacing,
+}
+
+impl BatchLimits {
+    /// The `[batch]` section's limits.
+    pub fn from_config(cfg: &crate::config::BatchConfig) -> BatchLimits {
+        BatchLimits {
+            max_events: cfg.max_events,
+            max_bytes: cfg.max_bytes,
+            max_delay: cfg.max_delay,
+            pacing: Pacing::new(cfg.max_commit_rate, cfg.commit_burst),
+        }
+    }
+}
+
+/// The Kafka transaction rate the relay stays under: on average at most `rate` commits a
+/// second, with up to `burst` of them back to back after a quiet spell.
+///
+/// The broker's work follows the number of Kafka transactions, not the number of events (each
+/// commit costs an AddPartitionsToTxn, a produce request and a marker per partition touched,
+/// and three transaction-log writes; docs/eos-levers.md measures it). Below the rate nothing
+/// waits: a batch closes as soon as it is due (`max_delay` after its first unit, or when the
+/// commit in flight returns). Above it, a due batch waits for its turn and grows meanwhile, so
+/// the transactions get larger instead of more frequent: the latency this costs is at most
+/// one interval (`1 / rate`), and only while the source produces more than `rate` batches a
+/// second would need.
+///
+/// It is the generic cell rate algorithm: a close is allowed from `tat - (burst - 1) / rate`
+/// on, where `tat` (the theoretical arrival time) moves `1 / rate` past the later of itself and
+/// the close. With `burst = 1` closes are simply at least `1 / rate` apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pacing {
+    /// Time between closes at the sustained rate; `None`: unpaced.
+    interval: Option<Duration>,
+    /// How far ahead of `tat` a close may be (`(burst - 1) * interval`).
+    tolerance: Duration,
+}
+
+impl Pacing {
+    /// `rate` commits a second (0: unpaced), `burst` (at least 1) back to back.
+    pub fn new(rate: f64, burst: u32) -> Pacing {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Pacing::unpaced();
+        }
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        Pacing {
+            interval: Some(interval),
+            tolerance: interval * burst.max(1).saturating_sub(1),
+        }
+    }
+
+    /// No pacing: every batch closes when it is due.
+    pub fn unpaced() -> Pacing {
+        Pacing {
+            interval: None,
+            tolerance: Duration::ZERO,
+        }
+    }
+
+    /// The earliest a close may happen, given the theoretical arrival time `tat`.
+    fn earliest(&self, tat: Option<Instant>) -> Option<Instant> {
+        self.interval?;
+        let tat = tat?;
+        Some(tat.checked_sub(self.tolerance).unwrap_or(tat))
+    }
+
+    /// The theoretical arrival time after a close at `now`.
+    fn advance(&self, tat: Option<Instant>, now: Instant) -> Option<Instant> {
+        let interval = self.interval?;
+        Some(tat.map_or(now, |t| t.max(now)) + interval)
+    }
 }
 
 /// The source position a complete unit leaves the relay at; the checkpoint records it.
@@ -163,6 +231,9 @@ struct Counters {
     produced: prometheus::Histogram,
     delivered: prometheus::Histogram,
     committed: prometheus::Histogram,
+    /// `relay_pacing_wait_seconds_total`, `relay_paced_batches_total`.
+    pacing_wait: prometheus::Counter,
+    paced: prometheus::IntCounter,
 }
 
 /// The wall clock the stage timings are read from, in µs since the Unix epoch (replaceable so
@@ -195,8 +266,10 @@ pub struct Pipeline {
     began: Option<Instant>,
     /// Records of the open unit so far.
     unit_records: u64,
-    /// When the last batch closed (see `BatchLimits::min_interval`).
-    last_close: Option<Instant>,
+    /// The pacer's theoretical arrival time (see [`Pacing`]).
+    tat: Option<Instant>,
+    /// When the last commit's result was taken (a batch waits for it before it may close).
+    last_commit_return: Option<Instant>,
     /// `kafka.transaction_timeout`: a transaction that fails after being open longer is too
     /// large to ever commit (see [`SinkError::TransactionTimeout`]).
     transaction_timeout: Option<Duration>,
@@ -234,6 +307,8 @@ impl Pipeline {
             produced: metrics.stage_seconds(kind, Stage::Produced),
             delivered: metrics.stage_seconds(kind, Stage::Delivered),
             committed: metrics.stage_seconds(kind, Stage::Committed),
+            pacing_wait: metrics.pacing(kind).0,
+            paced: metrics.pacing(kind).1,
         };
         Pipeline {
             kind,
@@ -248,7 +323,8 @@ impl Pipeline {
             unit_open: false,
             began: None,
             unit_records: 0,
-            last_close: None,
+            tat: None,
+            last_commit_return: None,
             transaction_timeout: None,
             clock: Box::new(|| unix_micros(SystemTime::now())),
         }
@@ -397,13 +473,11 @@ impl Pipeline {
         Some(self.paced(opened + self.limits.max_delay))
     }
 
-    /// `at`, or later if the last close was less than `min_interval` before it.
+    /// `at`, or later if the pacer holds the next close back (see [`Pacing`]).
     fn paced(&self, at: Instant) -> Instant {
-        match self.last_close {
-            Some(last) if !self.limits.min_interval.is_zero() => {
-                at.max(last + self.limits.min_interval)
-            }
-            _ => at,
+        match self.limits.pacing.earliest(self.tat) {
+            Some(earliest) => at.max(earliest),
+            None => at,
         }
     }
 
@@ -450,7 +524,9 @@ impl Pipeline {
         }
         cp.written_at_us = unix_micros(SystemTime::now());
         let reply = self.sink.commit(cp).await?;
-        self.last_close = Some(Instant::now());
+        let now = Instant::now();
+        self.count_pacing_wait(now);
+        self.tat = self.limits.pacing.advance(self.tat, now);
         let batch = std::mem::take(&mut self.batch);
         let began = self.began.take().or_else(|| Some(Instant::now()));
         self.inflight = Some(Inflight {
@@ -460,6 +536,25 @@ impl Pipeline {
             began,
         });
         Ok(())
+    }
+
+    /// Counts how long the batch closing at `now` was held back by the pacer: from when it was
+    /// ready (due by `max_delay`, and the previous commit returned) to when the pacer let it go.
+    fn count_pacing_wait(&self, now: Instant) {
+        let (Some(earliest), Some(opened)) =
+            (self.limits.pacing.earliest(self.tat), self.batch.opened)
+        else {
+            return;
+        };
+        let due = opened + self.limits.max_delay;
+        let ready = self.last_commit_return.map_or(due, |r| r.max(due));
+        // Closed before the pacer's time: a count or byte limit closed it, unpaced.
+        if now >= earliest && earliest > ready {
+            self.counters
+                .pacing_wait
+                .inc_by((earliest - ready).as_secs_f64());
+            self.counters.paced.inc();
+        }
     }
 
     /// Waits for the commit in flight; pending forever when there is none (for `select!`).
@@ -482,6 +577,7 @@ impl Pipeline {
         let Some(f) = self.inflight.take() else {
             return Err(SinkError::Stopped);
         };
+        self.last_commit_return = Some(Instant::now());
         let committed = match res.0 {
             Ok(c) => c,
             Err(e) => {
@@ -877,7 +973,7 @@ mod tests {
             max_events,
             max_bytes: usize::MAX,
             max_delay: Duration::from_millis(max_delay_ms),
-            min_interval: Duration::ZERO,
+            pacing: Pacing::unpaced(),
         }
     }
 
@@ -1031,9 +1127,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn min_interval_spaces_the_closes_and_the_batch_grows_meanwhile() {
+    async fn pacing_spaces_the_closes_and_the_batch_grows_meanwhile() {
         let mut l = limits(1000, 1);
-        l.min_interval = Duration::from_millis(20);
+        // 50 commits a second, none back to back: closes at least 20 ms apart.
+        l.pacing = Pacing::new(50.0, 1);
         let (mut p, backend, _) = pipeline(l).await;
         units(&mut p, 1, 1).await;
         let first = Instant::now() + Duration::from_millis(1);
@@ -1062,6 +1159,55 @@ mod tests {
             "3 units, one commit"
         );
         p.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_closes_at_once_then_the_rate_applies() {
+        let mut l = limits(1000, 1);
+        // 10 commits a second (100 ms apart), 3 back to back after a quiet spell.
+        l.pacing = Pacing::new(10.0, 3);
+        let (mut p, backend, metrics) = pipeline(l).await;
+        let mut closes = Vec::new();
+        let start = Instant::now();
+        for i in 1..=5u64 {
+            units(&mut p, i, 1).await;
+            let due = p.deadline().expect("a complete unit is batched");
+            closes.push(due - start);
+            tokio::time::sleep_until(due).await;
+            p.on_deadline().await.unwrap();
+            settle(&mut p).await;
+        }
+        let ms = |n| Duration::from_millis(n);
+        // The first three only wait max_delay (1 ms after the unit); the fourth and fifth are
+        // held to the sustained rate: 100 ms after the burst's allowance, then 100 ms apart.
+        assert_eq!(closes[0], ms(1));
+        assert_eq!(closes[1], ms(2));
+        assert_eq!(closes[2], ms(3));
+        assert_eq!(closes[3], ms(101));
+        assert_eq!(closes[4], ms(201));
+        assert_eq!(backend.commits.load(Ordering::Relaxed), 5);
+        // Held back: the fourth from 4 ms (its max_delay) to 101 (97 ms), the fifth from 102 to
+        // 201 (99 ms).
+        let (wait, paced) = metrics.pacing(RelayKind::Cdc);
+        assert_eq!(paced.get(), 2);
+        assert!((wait.get() - 0.196).abs() < 1e-6, "{}", wait.get());
+        // After a quiet spell of a burst's length the allowance is back.
+        tokio::time::advance(ms(300)).await;
+        let t = Instant::now();
+        units(&mut p, 6, 1).await;
+        assert_eq!(p.deadline(), Some(t + ms(1)));
+        p.finish().await;
+    }
+
+    #[test]
+    fn pacing_off_for_zero_or_nonsense_rates() {
+        assert_eq!(Pacing::new(0.0, 4), Pacing::unpaced());
+        assert_eq!(Pacing::new(f64::NAN, 4), Pacing::unpaced());
+        assert_eq!(Pacing::new(-1.0, 4), Pacing::unpaced());
+        assert_eq!(Pacing::new(f64::INFINITY, 4), Pacing::unpaced());
+        let p = Pacing::new(20.0, 0);
+        assert_eq!(p.interval, Some(Duration::from_millis(50)));
+        assert_eq!(p.tolerance, Duration::ZERO, "a burst of 0 is a burst of 1");
     }
 
     #[tokio::test(start_paused = true)]

@@ -171,12 +171,7 @@ impl PollSettings {
             interval: cfg.poll.interval,
             max_interval: cfg.poll.max_interval.max(cfg.poll.interval),
             batch_size: cfg.poll.batch_size,
-            batch: BatchLimits {
-                max_events: cfg.batch.max_events,
-                max_bytes: cfg.batch.max_bytes,
-                max_delay: cfg.batch.max_delay,
-                min_interval: cfg.batch.min_interval,
-            },
+            batch: BatchLimits::from_config(&cfg.batch),
             kafka: KafkaSettings::from_config(cfg, RelayKind::Poll),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             shutdown_timeout: cfg.shutdown.timeout,

@@ -24,6 +24,8 @@ pub enum Contender {
     Poll,
     /// `relay cdc` with `RELAY_DELIVERY=at_least_once`.
     CdcAlo,
+    /// `relay cdc` with its commit-rate pacer off (`RELAY_BATCH__MAX_COMMIT_RATE=0`).
+    CdcUnpaced,
     /// Debezium (Kafka Connect + Outbox Event Router); `exactly_once`: Connect's exactly-once
     /// source support, `tuned`: `poll.interval.ms=10`. Started by `crate::debezium` once merged.
     Debezium { exactly_once: bool, tuned: bool },
@@ -36,6 +38,7 @@ impl Contender {
             Contender::Cdc => "cdc",
             Contender::Poll => "poll",
             Contender::CdcAlo => "cdc-alo",
+            Contender::CdcUnpaced => "cdc-unpaced",
             Contender::Debezium {
                 exactly_once: false,
                 tuned: false,
@@ -84,6 +87,11 @@ impl Contender {
                     .await
                     .map(Attached::Relay)
             }
+            Contender::CdcUnpaced => {
+                RelayChild::start(env, "cdc", &[("RELAY_BATCH__MAX_COMMIT_RATE", "0")])
+                    .await
+                    .map(Attached::Relay)
+            }
             Contender::Debezium {
                 exactly_once,
                 tuned,
@@ -119,13 +127,14 @@ impl FromStr for Contender {
             "cdc" => Contender::Cdc,
             "poll" => Contender::Poll,
             "cdc-alo" => Contender::CdcAlo,
+            "cdc-unpaced" => Contender::CdcUnpaced,
             "debezium" => d(false, false),
             "debezium-tuned" => d(false, true),
             "debezium-eos" => d(true, false),
             "debezium-eos-tuned" => d(true, true),
             other => bail!(
-                "unknown contender {other:?}: cdc, poll, cdc-alo, debezium, debezium-tuned, \
-                 debezium-eos, debezium-eos-tuned"
+                "unknown contender {other:?}: cdc, poll, cdc-alo, cdc-unpaced, debezium, \
+                 debezium-tuned, debezium-eos, debezium-eos-tuned"
             ),
         })
     }
@@ -305,6 +314,7 @@ mod tests {
             "cdc",
             "poll",
             "cdc-alo",
+            "cdc-unpaced",
             "debezium",
             "debezium-tuned",
             "debezium-eos",
