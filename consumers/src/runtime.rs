@@ -470,6 +470,15 @@ impl<H: Handler> ConsumerContext for PollContext<H> {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             tracing::info!(partitions = parts.len(), "partitions revoked");
+            // On shutdown the poll loop has already stopped every worker and committed what
+            // they finished, and this revoke comes from inside the consumer's close: a second,
+            // synchronous commit there adds nothing and waits on a group being left (the one
+            // stop seen to take over 30 s, on a starved CPU, logged this revoke last). A revoke
+            // racing the shutdown signal is covered too: the loop then stops those workers, and
+            // an offset it can no longer store is re-read by the next owner and deduplicated.
+            if self.processor.shutdown.is_triggered() {
+                return;
+            }
             self.stop_workers(&parts);
             if self.processor.config.defences.offsets_after_effect {
                 self.flush_done(consumer);
