@@ -715,6 +715,18 @@ pub struct BatchConfig {
     pub commit_burst: u32,
 }
 
+impl BatchConfig {
+    /// The time between two commits at `max_commit_rate`: `None` when unpaced (0), not a
+    /// positive number, or so small a rate that the interval is beyond any `Duration`. The one
+    /// place the rate becomes an interval: the validation below and `pipeline::Pacing` use it.
+    pub fn commit_interval(rate: f64) -> Option<Duration> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return None;
+        }
+        Duration::try_from_secs_f64(1.0 / rate).ok()
+    }
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
@@ -1117,7 +1129,8 @@ impl RelayConfig {
             format!("must be a number of commits a second, 0 for unpaced; got {rate}"),
         );
         check(
-            !(rate > 0.0 && rate.is_finite()) || Duration::from_secs_f64(1.0 / rate) < timeout,
+            !(rate > 0.0 && rate.is_finite())
+                || BatchConfig::commit_interval(rate).is_some_and(|i| i < timeout),
             "batch.max_commit_rate",
             "one interval (1 / rate) must be shorter than kafka.transaction_timeout".to_owned(),
         );
@@ -1638,6 +1651,23 @@ mod tests {
             );
         }
         assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn a_vanishing_commit_rate_is_an_error_not_a_panic() {
+        // 1 / 1e-20 s is beyond any Duration: converting it unchecked would abort the relay.
+        let mut e = required();
+        e.extend(env(&[("RELAY_BATCH__MAX_COMMIT_RATE", "1e-20")]));
+        let problems = problems_of(RelayConfig::load_from(None, e));
+        assert_eq!(
+            problems,
+            ["batch.max_commit_rate: one interval (1 / rate) must be shorter than kafka.transaction_timeout"],
+        );
+        assert_eq!(BatchConfig::commit_interval(1e-20), None);
+        assert_eq!(
+            BatchConfig::commit_interval(20.0),
+            Some(Duration::from_millis(50))
+        );
     }
 
     #[test]

@@ -104,13 +104,16 @@ pub struct Pacing {
 impl Pacing {
     /// `rate` commits a second (0: unpaced), `burst` (at least 1) back to back.
     pub fn new(rate: f64, burst: u32) -> Pacing {
-        if !(rate.is_finite() && rate > 0.0) {
+        // Validation refuses a positive rate whose interval is unrepresentable; here it is
+        // unpaced rather than a panic.
+        let Some(interval) = crate::config::BatchConfig::commit_interval(rate) else {
             return Pacing::unpaced();
-        }
-        let interval = Duration::from_secs_f64(1.0 / rate);
+        };
         Pacing {
             interval: Some(interval),
-            tolerance: interval * burst.max(1).saturating_sub(1),
+            tolerance: interval
+                .checked_mul(burst.max(1) - 1)
+                .unwrap_or(Duration::MAX),
         }
     }
 
@@ -122,17 +125,17 @@ impl Pacing {
         }
     }
 
-    /// The earliest a close may happen, given the theoretical arrival time `tat`.
+    /// The earliest a close may happen, given the theoretical arrival time `tat` (`None`: any
+    /// time, also when the burst's tolerance reaches back past the clock's start).
     fn earliest(&self, tat: Option<Instant>) -> Option<Instant> {
         self.interval?;
-        let tat = tat?;
-        Some(tat.checked_sub(self.tolerance).unwrap_or(tat))
+        tat?.checked_sub(self.tolerance)
     }
 
     /// The theoretical arrival time after a close at `now`.
     fn advance(&self, tat: Option<Instant>, now: Instant) -> Option<Instant> {
         let interval = self.interval?;
-        Some(tat.map_or(now, |t| t.max(now)) + interval)
+        tat.map_or(now, |t| t.max(now)).checked_add(interval)
     }
 }
 
@@ -297,6 +300,7 @@ impl Pipeline {
         metrics: Metrics,
         committed: Checkpoint,
     ) -> Pipeline {
+        let (pacing_wait, paced) = metrics.pacing(kind);
         let counters = Counters {
             rows: metrics.events(kind, EventKind::Row),
             messages: metrics.events(kind, EventKind::Message),
@@ -307,8 +311,8 @@ impl Pipeline {
             produced: metrics.stage_seconds(kind, Stage::Produced),
             delivered: metrics.stage_seconds(kind, Stage::Delivered),
             committed: metrics.stage_seconds(kind, Stage::Committed),
-            pacing_wait: metrics.pacing(kind).0,
-            paced: metrics.pacing(kind).1,
+            pacing_wait,
+            paced,
         };
         Pipeline {
             kind,
