@@ -69,7 +69,7 @@ use crate::replication::timeline;
 use crate::replication::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::kafka::{KafkaBackend, KafkaSettings, Poison};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{KafkaSink, Sink, SinkError};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -388,10 +388,12 @@ impl<'a> Session<'a> {
         };
 
         let key = checkpoint::cdc_key(&s.slot);
-        let mut backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current());
-        backend = backend
-            .with_queue_full_counter(self.metrics.kafka_queue_full(RelayKind::Cdc))
-            .with_poison(poison.clone());
+        let backend = KafkaSink::new(
+            s.kafka.clone(),
+            tokio::runtime::Handle::current(),
+            self.metrics.kafka_queue_full(RelayKind::Cdc),
+            poison.clone(),
+        );
         let (sink, checkpoint) =
             Sink::start_with_dlq(backend, key.clone(), self.dlq_topic.clone()).await?;
         let fresh = Checkpoint {

@@ -459,6 +459,19 @@ macro_rules! string_enum {
 }
 
 string_enum!(ColumnSet, ColumnSet::Native => "native", ColumnSet::Debezium => "debezium");
+string_enum!(KafkaClient, KafkaClient::Librdkafka => "librdkafka", KafkaClient::Wire => "wire");
+
+/// `kafka.client`: which Kafka client the sink produces with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KafkaClient {
+    /// librdkafka (rust-rdkafka): TLS, SASL, compression, poison-record isolation.
+    #[default]
+    Librdkafka,
+    /// Experimental: the relay's own Kafka protocol client (`sink::wire`), one produce request
+    /// per broker and transactions v2; plaintext, exactly-once, uncompressed only.
+    Wire,
+}
+
 string_enum!(Delivery, Delivery::ExactlyOnce => "exactly_once", Delivery::AtLeastOnce => "at_least_once");
 
 /// `delivery`: the guarantee the relays give.
@@ -529,6 +542,11 @@ pub struct KafkaConfig {
     /// never starts on the producer whose commit markers the broker is still writing (the
     /// second one's transactional id is `<transactional_id>.alt`); see `sink::kafka`.
     pub transactional_producers: u8,
+    /// `librdkafka` (default) or `wire` (experimental; see `sink::wire`).
+    pub client: KafkaClient,
+    /// With `client = "wire"`: the transactions protocol, 1 or 2; 0 (default) = 2 when the
+    /// cluster finalized `transaction.version` 2, else 1.
+    pub wire_transaction_version: u8,
     /// Other librdkafka options, passed through unchanged.
     pub librdkafka: LibrdkafkaOptions,
 }
@@ -542,6 +560,8 @@ impl Default for KafkaConfig {
             dlq_topic: "outbox.relay.dlq".to_owned(),
             transaction_timeout: Duration::from_secs(60),
             transactional_producers: 2,
+            client: KafkaClient::default(),
+            wire_transaction_version: 0,
             librdkafka: LibrdkafkaOptions::default(),
         }
     }
@@ -556,6 +576,8 @@ impl fmt::Debug for KafkaConfig {
             .field("dlq_topic", &self.dlq_topic)
             .field("transaction_timeout", &self.transaction_timeout)
             .field("transactional_producers", &self.transactional_producers)
+            .field("client", &self.client)
+            .field("wire_transaction_version", &self.wire_transaction_version)
             .field("librdkafka", &self.librdkafka)
             .finish()
     }
@@ -1104,6 +1126,32 @@ impl RelayConfig {
                 self.kafka.transactional_producers
             ),
         );
+        check(
+            self.kafka.wire_transaction_version <= 2,
+            "kafka.wire_transaction_version",
+            format!(
+                "must be 0 (what the cluster finalized), 1 or 2 (got {})",
+                self.kafka.wire_transaction_version
+            ),
+        );
+        if self.kafka.client == KafkaClient::Wire {
+            check(
+                self.delivery == Delivery::ExactlyOnce,
+                "kafka.client",
+                "`wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"".to_owned(),
+            );
+            let plaintext = self
+                .kafka
+                .librdkafka
+                .iter()
+                .find(|(k, _)| *k == "security.protocol")
+                .is_none_or(|(_, v)| v.eq_ignore_ascii_case("plaintext"));
+            check(
+                plaintext,
+                "kafka.client",
+                "`wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol".to_owned(),
+            );
+        }
         for (name, _) in self.kafka.librdkafka.iter() {
             if let Some((_, hint)) = OWNED_LIBRDKAFKA_OPTIONS.iter().find(|(o, _)| *o == name) {
                 check(
@@ -1667,6 +1715,41 @@ mod tests {
         assert_eq!(
             BatchConfig::commit_interval(20.0),
             Some(Duration::from_millis(50))
+        );
+    }
+
+    #[test]
+    fn the_wire_client_refuses_what_it_cannot_do() {
+        let mut e = required();
+        e.extend(env(&[
+            ("RELAY_KAFKA__CLIENT", "wire"),
+            ("RELAY_DELIVERY", "at_least_once"),
+            ("RELAY_KAFKA__LIBRDKAFKA__SECURITY__PROTOCOL", "SASL_SSL"),
+            ("RELAY_KAFKA__WIRE_TRANSACTION_VERSION", "3"),
+        ]));
+        let problems = problems_of(RelayConfig::load_from(None, e));
+        assert_eq!(
+            problems,
+            [
+                "kafka.wire_transaction_version: must be 0 (what the cluster finalized), 1 or 2 (got 3)",
+                "kafka.client: `wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"",
+                "kafka.client: `wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol",
+            ],
+        );
+        let mut e = required();
+        e.extend(env(&[
+            ("RELAY_KAFKA__CLIENT", "wire"),
+            ("RELAY_KAFKA__LIBRDKAFKA__SECURITY__PROTOCOL", "plaintext"),
+        ]));
+        let c = RelayConfig::load_from(None, e).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.kafka.client, KafkaClient::Wire);
+        assert_eq!(
+            RelayConfig::load_from(None, required())
+                .unwrap()
+                .kafka
+                .client,
+            KafkaClient::Librdkafka
         );
     }
 

@@ -113,8 +113,8 @@ use crate::pipeline::{self as pl, BatchLimits, Disposition, DlqRecord, Pipeline,
 use crate::pipeline::{RecordKind, SessionError};
 use crate::replication::conn::{connect_sql_listening, quote_ident, ReplicationError};
 use crate::shutdown::Shutdown;
-use crate::sink::kafka::{KafkaBackend, KafkaSettings, Poison};
-use crate::sink::{Sink, SinkError};
+use crate::sink::kafka::{KafkaSettings, Poison};
+use crate::sink::{KafkaSink, Sink, SinkError};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -422,9 +422,12 @@ impl<'a> Session<'a> {
         .try_get::<_, bool>(0)?;
 
         let key = checkpoint::poll_key(&s.name);
-        let backend = KafkaBackend::new(s.kafka.clone(), tokio::runtime::Handle::current())
-            .with_queue_full_counter(self.metrics.kafka_queue_full(RelayKind::Poll))
-            .with_poison(poison.clone());
+        let backend = KafkaSink::new(
+            s.kafka.clone(),
+            tokio::runtime::Handle::current(),
+            self.metrics.kafka_queue_full(RelayKind::Poll),
+            poison.clone(),
+        );
         let (sink, checkpoint) =
             Sink::start_with_dlq(backend, key.clone(), self.dlq_topic.clone()).await?;
         let fresh = Checkpoint {

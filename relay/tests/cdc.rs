@@ -442,6 +442,54 @@ async fn exactly_once_across_sigkills() {
     assert_exactly_once(&t, "20 SIGKILLs");
 }
 
+/// The experimental wire client (`kafka.client = "wire"`) under the same SIGKILLs: from one run
+/// to the next the relay alternates the wire client with transactions v2, the wire client with
+/// transactions v1, and librdkafka (two producers in turn), so each must fence and settle what
+/// the other left open. A read_committed reader then finds every committed event exactly once,
+/// in per-key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_sigkills_with_the_wire_client() {
+    let db = TestDb::create().await;
+    let h = Harness::new(db.url(), kafka::bootstrap());
+    h.create_slot().await;
+    let (state, writers) = start_writers(&db.url(), 2);
+    let run = std::cell::Cell::new(0usize);
+    let spawn = || {
+        let i = run.get();
+        run.set(i + 1);
+        let mut env = h.env();
+        match i % 3 {
+            0 => {
+                env.set("RELAY_KAFKA__CLIENT", "wire");
+            }
+            1 => {
+                env.set("RELAY_KAFKA__CLIENT", "wire")
+                    .set("RELAY_KAFKA__WIRE_TRANSACTION_VERSION", "1");
+            }
+            _ => {}
+        }
+        RelayProc::spawn(&["cdc"], &env)
+    };
+    let mut logs = kill_repeatedly(12, 400..2400, spawn).await;
+    stop_writers(&state, writers).await;
+    let mut env = h.env();
+    env.set("RELAY_KAFKA__CLIENT", "wire");
+    let mut relay = RelayProc::spawn(&["cdc"], &env);
+    logs.push(relay.log.clone());
+    let t = h
+        .settle(&mut relay, Duration::from_secs(120), &state, &logs)
+        .await;
+    assert_exactly_once(
+        &t,
+        "12 SIGKILLs, wire client (v2, v1) and librdkafka in turn",
+    );
+    let text = relay.log_text();
+    assert!(
+        text.contains("Kafka wire client ready"),
+        "the last run used the wire client:\n{text}"
+    );
+}
+
 /// SIGTERM finishes cleanly: exit 0, nothing lost, and the slot's confirmed LSN equals the end
 /// LSN of the last checkpoint committed to Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

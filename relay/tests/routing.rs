@@ -272,43 +272,11 @@ async fn a_record_the_broker_refuses_goes_to_the_dlq_after_one_abort() {
         .success());
 }
 
-/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`), written from its
-/// definition, for checking where the relay put each key.
-fn murmur2(data: &[u8]) -> i32 {
-    let seed: u32 = 0x9747_b28c;
-    let m: u32 = 0x5bd1_e995;
-    let r = 24;
-    let len = data.len();
-    let mut h: u32 = seed ^ (len as u32);
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for c in chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(m);
-        k ^= k >> r;
-        k = k.wrapping_mul(m);
-        h = h.wrapping_mul(m);
-        h ^= k;
-    }
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(m);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(m);
-    h ^= h >> 15;
-    h as i32
-}
-
-/// The Java client's partition for `key` among `n`.
+/// The Java client's partition for `key` among `n`: the relay's own murmur2 partitioner (the
+/// wire client's), checked here against Kafka's test vectors and, below, against where
+/// librdkafka's `murmur2_random` puts keys.
 fn java_partition(key: &[u8], n: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) % n
+    relay::sink::wire::partition_for(key, n)
 }
 
 #[test]
@@ -325,7 +293,7 @@ fn murmur2_matches_kafkas_own_test_vectors() {
         ),
         ("abc", 479_470_107),
     ] {
-        assert_eq!(murmur2(key.as_bytes()), want, "{key}");
+        assert_eq!(relay::sink::wire::murmur2(key.as_bytes()), want, "{key}");
     }
 }
 

@@ -161,6 +161,8 @@ fn sink_settings(bootstrap: String, options: &[(&str, String)]) -> KafkaSettings
             .collect(),
         delivery: relay::config::Delivery::ExactlyOnce,
         transactional_producers: 1,
+        client: relay::config::KafkaClient::Librdkafka,
+        wire_transaction_version: 0,
     }
 }
 

@@ -1,13 +1,35 @@
-//! The Kafka sink against the real broker: zombie fencing and checkpoint read-back.
+//! The Kafka sink against the real broker: zombie fencing and checkpoint read-back, with
+//! each client (librdkafka, and the experimental wire client with transactions v2 and v1).
 
 use crate::support::kafka::{self, Isolation};
 use crate::support::unique_name;
 use bytes::Bytes;
 use relay::checkpoint::Checkpoint;
+use relay::config::KafkaClient;
 use relay::outbox::OutRecord;
 use relay::sink::kafka::{KafkaBackend, KafkaSettings};
-use relay::sink::{Sink, SinkError};
+use relay::sink::wire::WireBackend;
+use relay::sink::{KafkaSink, Sink, SinkError};
 use std::time::Duration;
+
+/// Which client a test runs with: librdkafka, or the wire client with transactions `v`.
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    Librdkafka,
+    Wire(u8),
+}
+
+fn backend(client: Client, txn_id: &str, checkpoint_topic: &str) -> KafkaSink {
+    let rt = tokio::runtime::Handle::current();
+    let mut s = settings(txn_id, checkpoint_topic);
+    match client {
+        Client::Librdkafka => KafkaSink::Librdkafka(Box::new(KafkaBackend::new(s, rt))),
+        Client::Wire(v) => {
+            s.client = KafkaClient::Wire;
+            KafkaSink::Wire(Box::new(WireBackend::new(s, v, rt)))
+        }
+    }
+}
 
 fn settings(txn_id: &str, checkpoint_topic: &str) -> KafkaSettings {
     KafkaSettings {
@@ -20,6 +42,8 @@ fn settings(txn_id: &str, checkpoint_topic: &str) -> KafkaSettings {
         librdkafka: Default::default(),
         delivery: relay::config::Delivery::ExactlyOnce,
         transactional_producers: 1,
+        client: relay::config::KafkaClient::Librdkafka,
+        wire_transaction_version: 0,
     }
 }
 
@@ -50,29 +74,32 @@ fn checkpoint(key: &str, end: u64) -> Checkpoint {
 /// from the newer's checkpoint.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zombie_is_fenced_and_cannot_commit() {
+    zombie_is_fenced(Client::Librdkafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_is_fenced_and_cannot_commit_with_the_wire_client() {
+    zombie_is_fenced(Client::Wire(2)).await;
+    zombie_is_fenced(Client::Wire(1)).await;
+}
+
+async fn zombie_is_fenced(client: Client) {
     let topic = unique_name("fence");
     let cp_topic = unique_name("fence_cp");
     let txn = unique_name("fence_txn");
     let key = "cdc/fence";
-    let rt = tokio::runtime::Handle::current();
 
-    let (old, cp) = Sink::start(
-        KafkaBackend::new(settings(&txn, &cp_topic), rt.clone()),
-        key.into(),
-    )
-    .await
-    .expect("old instance opens");
+    let (old, cp) = Sink::start(backend(client, &txn, &cp_topic), key.into())
+        .await
+        .expect("old instance opens");
     assert!(cp.is_none(), "a new checkpoint topic has no checkpoint");
     old.send(records(&topic, "old", 5)).await.unwrap();
     // Let the old instance's records reach the broker inside its open transaction.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let (new, cp) = Sink::start(
-        KafkaBackend::new(settings(&txn, &cp_topic), rt.clone()),
-        key.into(),
-    )
-    .await
-    .expect("new instance opens and fences the old one");
+    let (new, cp) = Sink::start(backend(client, &txn, &cp_topic), key.into())
+        .await
+        .expect("new instance opens and fences the old one");
     assert!(cp.is_none());
 
     let old_result = old
@@ -83,7 +110,7 @@ async fn a_zombie_is_fenced_and_cannot_commit() {
         .unwrap();
     match old_result {
         Err(SinkError::Fatal(msg)) => eprintln!("old instance fenced: {msg}"),
-        other => panic!("the zombie's commit must fail fatally, got {other:?}"),
+        other => panic!("{client:?}: the zombie's commit must fail fatally, got {other:?}"),
     }
     old.close().await;
 
@@ -107,7 +134,7 @@ async fn a_zombie_is_fenced_and_cannot_commit() {
         "only the live instance's records"
     );
 
-    let (third, cp) = Sink::start(KafkaBackend::new(settings(&txn, &cp_topic), rt), key.into())
+    let (third, cp) = Sink::start(backend(client, &txn, &cp_topic), key.into())
         .await
         .expect("third instance");
     assert_eq!(
@@ -123,11 +150,20 @@ async fn a_zombie_is_fenced_and_cannot_commit() {
 /// read back, under read_committed, exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_to_topics_created_inside_the_transaction_all_commit() {
+    new_topics_commit(Client::Librdkafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_to_topics_created_inside_the_transaction_all_commit_with_the_wire_client() {
+    new_topics_commit(Client::Wire(2)).await;
+    new_topics_commit(Client::Wire(1)).await;
+}
+
+async fn new_topics_commit(client: Client) {
     let cp_topic = unique_name("newtopics_cp");
     let txn = unique_name("newtopics_txn");
     let key = "cdc/newtopics";
-    let rt = tokio::runtime::Handle::current();
-    let (sink, _) = Sink::start(KafkaBackend::new(settings(&txn, &cp_topic), rt), key.into())
+    let (sink, _) = Sink::start(backend(client, &txn, &cp_topic), key.into())
         .await
         .expect("sink opens");
     let mut topics = Vec::new();
@@ -156,5 +192,71 @@ async fn records_to_topics_created_inside_the_transaction_all_commit() {
             missing.push(format!("{topic}: {} of 3", seen.len()));
         }
     }
-    assert!(missing.is_empty(), "topics short of records: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{client:?}: topics short of records: {missing:?}"
+    );
+}
+
+/// The wire client puts each key on the partition librdkafka (`murmur2_random`, the Java
+/// client's partitioner) puts it on: the same 200 keys through each client, to topics of 6
+/// partitions, land on the same partitions, and with all headers and values intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wire_client_partitions_and_encodes_as_librdkafka_does() {
+    let cp_topic = unique_name("parts_cp");
+    let key = "cdc/parts";
+    let mut placed = Vec::new();
+    for client in [Client::Librdkafka, Client::Wire(2)] {
+        let topic = unique_name("parts");
+        let txn = unique_name("parts_txn");
+        let mut s = settings(&txn, &cp_topic);
+        s.topic_partitions = 6;
+        let rt = tokio::runtime::Handle::current();
+        let b = match client {
+            Client::Librdkafka => KafkaSink::Librdkafka(Box::new(KafkaBackend::new(s, rt))),
+            Client::Wire(v) => {
+                s.client = KafkaClient::Wire;
+                KafkaSink::Wire(Box::new(WireBackend::new(s, v, rt)))
+            }
+        };
+        let (sink, _) = Sink::start(b, key.into()).await.expect("sink opens");
+        let mut recs = records(&topic, "v", 200);
+        for r in &mut recs {
+            r.key = Bytes::from(format!("order-{}", String::from_utf8_lossy(&r.key)));
+            r.extra_headers = vec![("trace".into(), Bytes::from_static(b"t-1"))];
+        }
+        sink.send(recs).await.unwrap();
+        let committed = sink
+            .commit(checkpoint(key, 1000))
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("commit");
+        assert_eq!(committed.records, 200);
+        sink.close().await;
+        let seen = kafka::read_all(&topic, Isolation::ReadCommitted).await;
+        assert_eq!(seen.len(), 200, "{client:?}");
+        let mut by_key: Vec<(String, i32)> = Vec::new();
+        for r in &seen {
+            let k = r.key_str();
+            let i = k.trim_start_matches("order-k");
+            assert_eq!(r.value_str(), format!("v-{i}"), "{client:?}");
+            assert_eq!(r.header("event_id"), Some(&*format!("v-{i}")), "{client:?}");
+            assert_eq!(r.header("trace"), Some("t-1"), "{client:?}");
+            by_key.push((k, r.partition));
+        }
+        by_key.sort();
+        let used: std::collections::BTreeSet<i32> = by_key.iter().map(|(_, p)| *p).collect();
+        assert_eq!(
+            used.len(),
+            6,
+            "{client:?}: 200 keys spread over all 6 partitions"
+        );
+        placed.push(by_key);
+    }
+    assert_eq!(
+        placed[0], placed[1],
+        "each key on the same partition with both clients"
+    );
 }

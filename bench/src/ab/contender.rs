@@ -26,6 +26,11 @@ pub enum Contender {
     CdcAlo,
     /// `relay cdc` with its commit-rate pacer off (`RELAY_BATCH__MAX_COMMIT_RATE=0`).
     CdcUnpaced,
+    /// `relay cdc` producing with the experimental wire client (`RELAY_KAFKA__CLIENT=wire`):
+    /// one produce request per broker, transactions v2 where the cluster has it.
+    CdcWire,
+    /// The wire client held to transactions v1 (`RELAY_KAFKA__WIRE_TRANSACTION_VERSION=1`).
+    CdcWireV1,
     /// Debezium (Kafka Connect + Outbox Event Router); `exactly_once`: Connect's exactly-once
     /// source support, `tuned`: `poll.interval.ms=10`. Started by `crate::debezium` once merged.
     Debezium { exactly_once: bool, tuned: bool },
@@ -39,6 +44,8 @@ impl Contender {
             Contender::Poll => "poll",
             Contender::CdcAlo => "cdc-alo",
             Contender::CdcUnpaced => "cdc-unpaced",
+            Contender::CdcWire => "cdc-wire",
+            Contender::CdcWireV1 => "cdc-wire-v1",
             Contender::Debezium {
                 exactly_once: false,
                 tuned: false,
@@ -92,6 +99,19 @@ impl Contender {
                     .await
                     .map(Attached::Relay)
             }
+            Contender::CdcWire => RelayChild::start(env, "cdc", &[("RELAY_KAFKA__CLIENT", "wire")])
+                .await
+                .map(Attached::Relay),
+            Contender::CdcWireV1 => RelayChild::start(
+                env,
+                "cdc",
+                &[
+                    ("RELAY_KAFKA__CLIENT", "wire"),
+                    ("RELAY_KAFKA__WIRE_TRANSACTION_VERSION", "1"),
+                ],
+            )
+            .await
+            .map(Attached::Relay),
             Contender::Debezium {
                 exactly_once,
                 tuned,
@@ -128,12 +148,14 @@ impl FromStr for Contender {
             "poll" => Contender::Poll,
             "cdc-alo" => Contender::CdcAlo,
             "cdc-unpaced" => Contender::CdcUnpaced,
+            "cdc-wire" => Contender::CdcWire,
+            "cdc-wire-v1" => Contender::CdcWireV1,
             "debezium" => d(false, false),
             "debezium-tuned" => d(false, true),
             "debezium-eos" => d(true, false),
             "debezium-eos-tuned" => d(true, true),
             other => bail!(
-                "unknown contender {other:?}: cdc, poll, cdc-alo, cdc-unpaced, debezium, \
+                "unknown contender {other:?}: cdc, poll, cdc-alo, cdc-unpaced, cdc-wire, cdc-wire-v1, debezium, \
                  debezium-tuned, debezium-eos, debezium-eos-tuned"
             ),
         })
@@ -315,6 +337,8 @@ mod tests {
             "poll",
             "cdc-alo",
             "cdc-unpaced",
+            "cdc-wire",
+            "cdc-wire-v1",
             "debezium",
             "debezium-tuned",
             "debezium-eos",

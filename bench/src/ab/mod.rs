@@ -66,7 +66,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
     /// Contenders, attached one at a time in this order in each round: cdc, poll, cdc-alo,
-    /// cdc-unpaced, debezium, debezium-tuned, debezium-eos, debezium-eos-tuned.
+    /// cdc-unpaced, cdc-wire, cdc-wire-v1, debezium, debezium-tuned, debezium-eos, debezium-eos-tuned.
     #[arg(long, value_delimiter = ',', default_value = "cdc,poll")]
     pub contenders: Vec<Contender>,
     /// Offered event rates (events/s).

@@ -81,6 +81,10 @@ pub struct KafkaSettings {
     pub delivery: Delivery,
     /// Transactional producers used in turn (1 or 2; see "Two producers in turn").
     pub transactional_producers: u8,
+    /// The client to produce with (librdkafka, or the experimental `sink::wire`).
+    pub client: crate::config::KafkaClient,
+    /// `sink::wire` only: the transactions protocol (0 = what the cluster finalized).
+    pub wire_transaction_version: u8,
 }
 
 impl KafkaSettings {
@@ -102,6 +106,8 @@ impl KafkaSettings {
                 .collect(),
             delivery: cfg.delivery,
             transactional_producers: cfg.kafka.transactional_producers,
+            client: cfg.kafka.client,
+            wire_transaction_version: cfg.kafka.wire_transaction_version,
         }
     }
 
@@ -312,7 +318,7 @@ impl KafkaBackend {
         self.producer.as_ref().ok_or(SinkError::Stopped)
     }
 
-    fn ensure_topic(
+    pub(super) fn ensure_topic(
         &mut self,
         topic: &str,
         partitions: i32,
@@ -417,24 +423,7 @@ impl KafkaBackend {
                         RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
                     })
                 });
-                if missing
-                    && !self.settings.create_topics
-                    && topic != self.settings.checkpoint_topic
-                {
-                    // The operator creates the topics (outbox.create_topics = false) and has not
-                    // created this one: its records wait in the DLQ, to be redriven.
-                    return Err(SinkError::Rejected {
-                        reason: format!(
-                            "topic {topic} does not exist and outbox.create_topics is false: create it, then redrive"
-                        ),
-                        class: "unknown_topic",
-                        keep_value: true,
-                        record: Returned::default(),
-                    });
-                }
-                return Err(SinkError::Unavailable(format!(
-                    "topic {topic} {state} after {CALL_TIMEOUT:?}"
-                )));
+                return Err(topic_not_ready(&self.settings, topic, missing, &state));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -486,7 +475,7 @@ impl KafkaBackend {
     }
 
     /// The topic's `max.message.bytes`, as the broker reports it.
-    fn topic_max_message_bytes(&mut self, topic: &str) -> Result<usize, SinkError> {
+    pub(super) fn topic_max_message_bytes(&mut self, topic: &str) -> Result<usize, SinkError> {
         let runtime = self.runtime.clone();
         let admin = self.admin()?;
         let opts = AdminOptions::new().request_timeout(Some(CALL_TIMEOUT));
@@ -506,8 +495,33 @@ impl KafkaBackend {
             })
     }
 
+    /// Hands `r` back if its topic exists (created first when the relay may create topics);
+    /// a topic refused for good refuses the record too ([`SinkError::Rejected`], with the
+    /// record), now and for every later record to it.
+    pub(super) fn admit_topic(&mut self, r: OutRecord) -> Result<OutRecord, SinkError> {
+        if let Some((reason, class)) = self.refused_topics.get(&*r.topic) {
+            return Err(SinkError::Rejected {
+                reason: reason.clone(),
+                class,
+                keep_value: true,
+                record: Returned(Some(Box::new(r))),
+            });
+        }
+        if !self.known_topics.contains(&*r.topic) {
+            let partitions = self.settings.topic_partitions;
+            if let Err(e) = self.ensure_topic(&r.topic, partitions, false) {
+                if let SinkError::Rejected { reason, class, .. } = &e {
+                    self.refused_topics
+                        .insert(r.topic.to_string(), (reason.clone(), class));
+                }
+                return Err(e.refusing(r));
+            }
+        }
+        Ok(r)
+    }
+
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.
-    fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+    pub(super) fn read_checkpoint(&self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
         self.read_checkpoint_as("checkpoint-reader", key)
     }
 
@@ -588,6 +602,29 @@ impl KafkaBackend {
         }
         Ok(latest)
     }
+}
+
+/// The error for `topic` still not ready (`state`) after [`CALL_TIMEOUT`]. A topic that is
+/// `missing` while the operator creates the topics (`outbox.create_topics = false`) refuses
+/// its records: they wait in the DLQ, to be redriven once it exists. Anything else is
+/// unavailability, retried.
+pub(super) fn topic_not_ready(
+    settings: &KafkaSettings,
+    topic: &str,
+    missing: bool,
+    state: &str,
+) -> SinkError {
+    if missing && !settings.create_topics && topic != settings.checkpoint_topic {
+        return SinkError::Rejected {
+            reason: format!(
+                "topic {topic} does not exist and outbox.create_topics is false: create it, then redrive"
+            ),
+            class: "unknown_topic",
+            keep_value: true,
+            record: Returned::default(),
+        };
+    }
+    SinkError::Unavailable(format!("topic {topic} {state} after {CALL_TIMEOUT:?}"))
 }
 
 /// Reads the last committed checkpoint of `key` without a producer, for `relay status`: no
@@ -896,14 +933,6 @@ impl Backend for KafkaBackend {
     }
 
     fn send(&mut self, r: OutRecord) -> Result<(), SinkError> {
-        if let Some((reason, class)) = self.refused_topics.get(&*r.topic) {
-            return Err(SinkError::Rejected {
-                reason: reason.clone(),
-                class,
-                keep_value: true,
-                record: Returned(Some(Box::new(r))),
-            });
-        }
         // Nearly always false: one atomic load per record, the lock only when something waits.
         if self.poison.any() && self.poison.has_suspects() {
             self.resolve_suspects(&r.topic)?;
@@ -924,28 +953,7 @@ impl Backend for KafkaBackend {
                 });
             }
         }
-        if !self.known_topics.contains(&*r.topic) {
-            let partitions = self.settings.topic_partitions;
-            match self.ensure_topic(&r.topic, partitions, false) {
-                Ok(()) => {}
-                Err(SinkError::Rejected {
-                    reason,
-                    class,
-                    keep_value,
-                    ..
-                }) => {
-                    self.refused_topics
-                        .insert(r.topic.to_string(), (reason.clone(), class));
-                    return Err(SinkError::Rejected {
-                        reason,
-                        class,
-                        keep_value,
-                        record: Returned(Some(Box::new(r))),
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let r = self.admit_topic(r)?;
         let producer = self.producer()?;
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + r.extra_headers.len());
         for (k, v) in &r.headers {

@@ -24,6 +24,7 @@
 pub mod kafka;
 pub mod null;
 mod security;
+pub mod wire;
 
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
@@ -89,6 +90,25 @@ impl std::fmt::Debug for Returned {
 }
 
 impl SinkError {
+    /// A refusal of `record`'s destination (its topic) as a refusal of `record`, handed back
+    /// so the sink can send it to the DLQ. Other errors are returned as they are.
+    pub fn refusing(self, record: OutRecord) -> SinkError {
+        match self {
+            SinkError::Rejected {
+                reason,
+                class,
+                keep_value,
+                ..
+            } => SinkError::Rejected {
+                reason,
+                class,
+                keep_value,
+                record: Returned(Some(Box::new(record))),
+            },
+            other => other,
+        }
+    }
+
     /// Whether reconnecting and resuming from the last checkpoint can help.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -135,6 +155,68 @@ pub trait Backend: Send + 'static {
     /// if the backend measures it.
     fn delivered_after(&self) -> Option<Duration> {
         None
+    }
+}
+
+/// The Kafka backend `kafka.client` names.
+pub enum KafkaSink {
+    Librdkafka(Box<kafka::KafkaBackend>),
+    Wire(Box<wire::WireBackend>),
+}
+
+impl KafkaSink {
+    /// The backend for `settings.client`. The librdkafka one counts queue-full waits in
+    /// `queue_full` and shares `poison` (records refused for good) with its predecessors;
+    /// the wire client holds a transaction's records itself and refuses oversized ones before
+    /// sending, so it uses neither.
+    pub fn new(
+        settings: kafka::KafkaSettings,
+        runtime: tokio::runtime::Handle,
+        queue_full: prometheus::IntCounter,
+        poison: kafka::Poison,
+    ) -> KafkaSink {
+        match settings.client {
+            crate::config::KafkaClient::Librdkafka => KafkaSink::Librdkafka(Box::new(
+                kafka::KafkaBackend::new(settings, runtime)
+                    .with_queue_full_counter(queue_full)
+                    .with_poison(poison),
+            )),
+            crate::config::KafkaClient::Wire => {
+                let v = settings.wire_transaction_version;
+                KafkaSink::Wire(Box::new(wire::WireBackend::new(settings, v, runtime)))
+            }
+        }
+    }
+
+    fn inner(&mut self) -> &mut dyn Backend {
+        match self {
+            KafkaSink::Librdkafka(b) => &mut **b,
+            KafkaSink::Wire(b) => &mut **b,
+        }
+    }
+}
+
+impl Backend for KafkaSink {
+    fn open(&mut self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        self.inner().open(key)
+    }
+    fn begin(&mut self) -> Result<(), SinkError> {
+        self.inner().begin()
+    }
+    fn send(&mut self, record: OutRecord) -> Result<(), SinkError> {
+        self.inner().send(record)
+    }
+    fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SinkError> {
+        self.inner().commit(checkpoint)
+    }
+    fn abort(&mut self) -> Result<(), SinkError> {
+        self.inner().abort()
+    }
+    fn delivered_after(&self) -> Option<Duration> {
+        match self {
+            KafkaSink::Librdkafka(b) => b.delivered_after(),
+            KafkaSink::Wire(b) => b.delivered_after(),
+        }
     }
 }
 
