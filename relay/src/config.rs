@@ -1933,6 +1933,11 @@ mod tests {
             c.kafka.transactional_producers,
             d.kafka.transactional_producers
         );
+        assert_eq!(c.kafka.client, d.kafka.client);
+        assert_eq!(
+            c.kafka.wire_transaction_version,
+            d.kafka.wire_transaction_version
+        );
         assert_eq!(c.shutdown.timeout, d.shutdown.timeout);
         assert_eq!(c.http.listen, d.http.listen);
         assert_eq!(c.slot_watch.interval, d.slot_watch.interval);

@@ -1168,10 +1168,12 @@ async fn a_full_producer_queue_slows_reading_instead_of_failing() {
 
 /// One transaction of 100,000 outbox rows, relayed exactly once with protocol 1 (passed through
 /// as it is decoded) and protocol 2 (streamed by Postgres before it commits, buffered and spilled
-/// by the relay), without the relay's memory growing with the transaction.
+/// by the relay), without the relay's memory growing with the transaction; protocol 2 once more
+/// with the wire client, which produces a transaction's records before its commit once they
+/// pass 4 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_100k_row_transaction_is_relayed_once_with_bounded_memory() {
-    for proto in ["1", "2"] {
+    for (proto, client) in [("1", "librdkafka"), ("2", "librdkafka"), ("2", "wire")] {
         let db = TestDb::create().await;
         let h = Harness::new(db.url(), kafka::bootstrap());
         // Small decoding memory makes Postgres stream (protocol 2) or spill the transaction.
@@ -1185,7 +1187,8 @@ async fn a_100k_row_transaction_is_relayed_once_with_bounded_memory() {
             .unwrap();
         h.create_slot().await;
         let mut env = h.env();
-        env.set("RELAY_CDC__PROTO_VERSION", proto);
+        env.set("RELAY_CDC__PROTO_VERSION", proto)
+            .set("RELAY_KAFKA__CLIENT", client);
         let mut relay = RelayProc::spawn(&["cdc"], &env);
         let c = h.client().await;
         c.batch_execute(
@@ -1230,13 +1233,13 @@ async fn a_100k_row_transaction_is_relayed_once_with_bounded_memory() {
         );
         let t = h.tally(&LoadState::default()).await;
         eprintln!(
-            "protocol {proto}: {t:?}, relay peak RSS {:.1} MB",
+            "protocol {proto}, {client}: {t:?}, relay peak RSS {:.1} MB",
             rss as f64 / 1e6
         );
         assert_eq!(t.expected, 100_000);
         assert_eq!((t.lost, t.duplicates, t.out_of_order), (0, 0, 0), "{t:?}");
         assert_eq!(t.delivered, 100_000);
         // About 45 MB of records pass through; the relay holds a bounded part of them.
-        assert!(rss < 200_000_000, "relay peak RSS {rss} bytes");
+        assert!(rss < 200_000_000, "{client}: relay peak RSS {rss} bytes");
     }
 }

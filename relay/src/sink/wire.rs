@@ -7,8 +7,9 @@
 //! transaction coordinator on its own (KIP-890 part 1). The Java producer sends one request
 //! per broker instead. This client does what the sink needs and nothing more:
 //!
-//! - records of the open transaction are held in memory (the pipeline bounds a batch by count
-//!   and bytes) and partitioned as the Java client does (murmur2 of the key);
+//! - records of the open transaction are held in memory and partitioned as the Java client
+//!   does (murmur2 of the key); a transaction past 4 MiB (a large WAL transaction, which is one
+//!   Kafka transaction) has its records produced as they come, so memory stays bounded;
 //! - at commit, **one ProduceRequest per leader broker** carries one record batch per
 //!   partition, the checkpoint's included; then EndTxn;
 //! - **transactions v2** (KIP-890 part 2) when the cluster finalized `transaction.version` 2
@@ -16,7 +17,13 @@
 //!   partition as it appends (Produce v12), and EndTxn v5 bumps the producer epoch (sequence
 //!   numbers start again at 0). On older clusters, or with
 //!   `kafka.wire_transaction_version = 1`, it speaks v1: one AddPartitionsToTxn per
-//!   transaction for all its partitions, Produce v11, EndTxn v4.
+//!   transaction for all its partitions, Produce v11, EndTxn v4;
+//! - two producers in turn (`<id>` and `<id>.alt`) with `kafka.transactional_producers = 2`,
+//!   as in [`super::kafka`]; both ids are fenced at `open` whatever the setting, so a switch
+//!   from either client to the other never waits for a transaction left open;
+//! - a batch answered with a retriable error (`CONCURRENT_TRANSACTIONS` while the previous
+//!   commit's markers are written, a leader change) is sent again unchanged: same sequence
+//!   numbers, so the broker drops one it already has.
 //!
 //! Exactly-once rests on the same three points as with librdkafka: the checkpoint record is in
 //! the transaction; `open` calls InitProducerId, which fences older producers with the same
@@ -60,6 +67,8 @@ const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 const RETRY_BACKOFF: Duration = Duration::from_millis(2);
 /// The broker's default `max.message.bytes`, used until a topic's own is known.
 const DEFAULT_MAX_BATCH: usize = 1_048_588;
+/// Held bytes past which the open transaction's records are produced before its commit.
+const FLUSH_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes of a v2 record batch's header (up to and including the record count).
 const BATCH_HEADER: usize = 61;
 
@@ -519,6 +528,13 @@ pub struct WireBackend {
     v2: bool,
     /// Records of the open transaction, by topic and partition.
     held: BTreeMap<Partition, Vec<Held>>,
+    /// Bytes of `held` (as encoded, about).
+    held_bytes: usize,
+    /// Transactions v1: partitions already added to the open transaction.
+    added: std::collections::HashSet<Partition>,
+    /// Whether the open transaction has reached the broker (records produced before the
+    /// commit, a large transaction's): an abort must then end it there.
+    open_at_broker: bool,
     delivered_after: Option<Duration>,
 }
 
@@ -544,6 +560,9 @@ impl WireBackend {
             standby: None,
             v2: false,
             held: BTreeMap::new(),
+            held_bytes: 0,
+            added: std::collections::HashSet::new(),
+            open_at_broker: false,
             delivered_after: None,
         }
     }
@@ -731,11 +750,16 @@ impl WireBackend {
         }
     }
 
-    /// Transactions v1: adds the held partitions to the transaction, in one request.
+    /// Transactions v1: adds the held partitions not yet in the transaction, in one request.
     fn add_partitions(&mut self) -> Result<(), SinkError> {
         let mut topics: BTreeMap<Arc<str>, Vec<i32>> = BTreeMap::new();
         for (t, p) in self.held.keys() {
-            topics.entry(t.clone()).or_default().push(*p);
+            if !self.added.contains(&(t.clone(), *p)) {
+                topics.entry(t.clone()).or_default().push(*p);
+            }
+        }
+        if topics.is_empty() {
+            return Ok(());
         }
         let mut txn = AddPartitionsToTxnTransaction::default();
         txn.transactional_id = self.txn_id();
@@ -771,7 +795,10 @@ impl WireBackend {
                 }
             }
             match worst {
-                code::NONE => return Ok(()),
+                code::NONE => {
+                    self.added.extend(self.held.keys().cloned());
+                    return Ok(());
+                }
                 c if fenced(c) => {
                     return Err(SinkError::Fatal(format!(
                         "AddPartitionsToTxn: {}",
@@ -798,6 +825,8 @@ impl WireBackend {
     /// partition (more rounds only when a partition's records exceed its topic's batch limit).
     fn produce_held(&mut self) -> Result<(), SinkError> {
         let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        self.open_at_broker = true;
         // Split each partition's records into batches within its topic's limit.
         let mut batches: Vec<(Partition, Vec<Vec<Held>>)> = Vec::new();
         for ((topic, partition), records) in held {
@@ -1068,7 +1097,16 @@ impl Backend for WireBackend {
                 record: Returned(Some(Box::new(r))),
             });
         }
+        self.held_bytes += held.encoded_len();
         self.held.entry((topic, partition)).or_default().push(held);
+        // A large WAL transaction is one Kafka transaction: its records go out as they come
+        // once they pass FLUSH_BYTES, so memory stays bounded whatever its size.
+        if self.held_bytes >= FLUSH_BYTES {
+            if !self.v2 {
+                self.add_partitions()?;
+            }
+            self.produce_held()?;
+        }
         Ok(())
     }
 
@@ -1090,6 +1128,8 @@ impl Backend for WireBackend {
         let delivered = started.elapsed();
         self.delivered_after = Some(delivered);
         self.end_txn(true)?;
+        self.added.clear();
+        self.open_at_broker = false;
         // The next transaction runs on the other producer, if there is one: this one's commit
         // markers are being written now (as in `sink::kafka`, "Two producers in turn").
         if let Some(standby) = self.standby.as_mut() {
@@ -1105,10 +1145,16 @@ impl Backend for WireBackend {
     }
 
     fn abort(&mut self) -> Result<(), SinkError> {
-        // Records are held until the commit, so before it nothing has reached the broker and
-        // there is nothing to abort there. A commit that failed half-way leaves the backend
-        // to be dropped, and the next one's InitProducerId aborts what it left open.
+        // Usually nothing has reached the broker (records are held until the commit), and
+        // there is nothing to end there. A large transaction's first records may have: end it.
+        // (A commit that failed half-way leaves the backend to be dropped, and the next one's
+        // InitProducerId aborts what it left open.)
         self.held.clear();
+        self.held_bytes = 0;
+        self.added.clear();
+        if std::mem::take(&mut self.open_at_broker) {
+            self.end_txn(false)?;
+        }
         Ok(())
     }
 
