@@ -1151,6 +1151,17 @@ impl RelayConfig {
                 "kafka.client",
                 "`wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol".to_owned(),
             );
+            let uncompressed = self
+                .kafka
+                .librdkafka
+                .iter()
+                .filter(|(k, _)| matches!(*k, "compression.type" | "compression.codec"))
+                .all(|(_, v)| v.eq_ignore_ascii_case("none"));
+            check(
+                uncompressed,
+                "kafka.client",
+                "`wire` (experimental) does not compress: remove kafka.librdkafka.compression.type or use kafka.client = \"librdkafka\"".to_owned(),
+            );
         }
         for (name, _) in self.kafka.librdkafka.iter() {
             if let Some((_, hint)) = OWNED_LIBRDKAFKA_OPTIONS.iter().find(|(o, _)| *o == name) {
@@ -1726,6 +1737,7 @@ mod tests {
             ("RELAY_DELIVERY", "at_least_once"),
             ("RELAY_KAFKA__LIBRDKAFKA__SECURITY__PROTOCOL", "SASL_SSL"),
             ("RELAY_KAFKA__WIRE_TRANSACTION_VERSION", "3"),
+            ("RELAY_KAFKA__LIBRDKAFKA__COMPRESSION__TYPE", "zstd"),
         ]));
         let problems = problems_of(RelayConfig::load_from(None, e));
         assert_eq!(
@@ -1734,12 +1746,14 @@ mod tests {
                 "kafka.wire_transaction_version: must be 0 (what the cluster finalized), 1 or 2 (got 3)",
                 "kafka.client: `wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"",
                 "kafka.client: `wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol",
+                "kafka.client: `wire` (experimental) does not compress: remove kafka.librdkafka.compression.type or use kafka.client = \"librdkafka\"",
             ],
         );
         let mut e = required();
         e.extend(env(&[
             ("RELAY_KAFKA__CLIENT", "wire"),
             ("RELAY_KAFKA__LIBRDKAFKA__SECURITY__PROTOCOL", "plaintext"),
+            ("RELAY_KAFKA__LIBRDKAFKA__COMPRESSION__TYPE", "none"),
         ]));
         let c = RelayConfig::load_from(None, e).unwrap();
         c.validate().unwrap();

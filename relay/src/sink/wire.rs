@@ -1048,13 +1048,23 @@ impl Backend for WireBackend {
         // with two producers in turn (either client) used `<id>.alt` too, and a transaction
         // it left open there would hold the checkpoint topic's read_committed end back until
         // the broker timed it out.
+        let two = self.settings.transactional_producers >= 2;
         let mut own = Producer::new(self.settings.transactional_id.clone());
         let mut alt = Producer::new(format!("{}.alt", self.settings.transactional_id));
-        for p in [&mut alt, &mut own] {
-            (p.producer_id, p.epoch) = self.init_producer_id(&p.transactional_id.clone())?;
+        match self.init_producer_id(&alt.transactional_id.clone()) {
+            Ok((id, epoch)) => (alt.producer_id, alt.epoch) = (id, epoch),
+            // With one producer the relay's principal may hold an ACL for `<id>` only, and
+            // then nothing can have used `<id>.alt` either.
+            Err(SinkError::Fatal(e))
+                if !two && e.contains(&error_name(code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)) =>
+            {
+                tracing::debug!(error = %e, "not allowed to fence <id>.alt; with one producer it is not used");
+            }
+            Err(e) => return Err(e),
         }
+        (own.producer_id, own.epoch) = self.init_producer_id(&own.transactional_id.clone())?;
         self.producer = own;
-        self.standby = (self.settings.transactional_producers >= 2).then_some(alt);
+        self.standby = two.then_some(alt);
         tracing::info!(
             transaction_version = self.transaction_version(),
             producer_id = self.producer.producer_id,
