@@ -287,3 +287,55 @@ async fn the_wire_client_partitions_and_encodes_as_librdkafka_does() {
         "each key on the same partition with both clients"
     );
 }
+
+/// A transaction past the wire client's 4 MiB goes out before its commit (memory stays
+/// bounded), and an abort then ends it at the broker: of its 5,000 records of ~1 KB, the first
+/// 4 MiB are in the topic (read_uncommitted sees them) but never visible to read_committed,
+/// while the next transaction of the same sink commits normally.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wire_client_flushes_a_large_transaction_and_aborts_it_at_the_broker() {
+    for v in [2, 1] {
+        let topic = unique_name("wire_big");
+        let cp_topic = unique_name("wire_big_cp");
+        let txn = unique_name("wire_big_txn");
+        let key = "cdc/wire_big";
+        let (sink, _) = Sink::start(backend(Client::Wire(v), &txn, &cp_topic), key.into())
+            .await
+            .expect("sink opens");
+        let mut big = records(&topic, "aborted", 5_000);
+        for r in &mut big {
+            r.value = Bytes::from(vec![b'x'; 1_000]);
+        }
+        for chunk in big.chunks(500) {
+            sink.send(chunk.to_vec()).await.unwrap();
+        }
+        sink.abort().await.expect("abort");
+        sink.send(records(&topic, "kept", 7)).await.unwrap();
+        let committed = sink
+            .commit(checkpoint(key, 1000))
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("commit");
+        assert_eq!(committed.records, 7);
+        sink.close().await;
+        let committed = kafka::read_all(&topic, Isolation::ReadCommitted).await;
+        let mut values: Vec<String> = committed.iter().map(|r| r.value_str()).collect();
+        values.sort();
+        let want: Vec<String> = (0..7).map(|i| format!("kept-{i}")).collect();
+        assert_eq!(
+            values, want,
+            "v{v}: only the committed transaction is visible"
+        );
+        let all = kafka::read_all(&topic, Isolation::ReadUncommitted).await;
+        let flushed = all
+            .iter()
+            .filter(|r| r.value.as_deref().is_some_and(|v| v.len() == 1_000))
+            .count();
+        assert!(
+            flushed >= 3_000,
+            "v{v}: the large transaction's first 4 MiB (about 4,000 records) went out before its end; {flushed} of 5000 in the log"
+        );
+    }
+}
