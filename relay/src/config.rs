@@ -468,7 +468,7 @@ pub enum KafkaClient {
     #[default]
     Librdkafka,
     /// Experimental: the relay's own Kafka protocol client (`sink::wire`), one produce request
-    /// per broker and transactions v2; plaintext, exactly-once, uncompressed only.
+    /// per broker and transactions v2; plaintext or TLS, exactly-once, uncompressed only.
     Wire,
 }
 
@@ -1140,16 +1140,34 @@ impl RelayConfig {
                 "kafka.client",
                 "`wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"".to_owned(),
             );
-            let plaintext = self
-                .kafka
-                .librdkafka
-                .iter()
-                .find(|(k, _)| *k == "security.protocol")
-                .is_none_or(|(_, v)| v.eq_ignore_ascii_case("plaintext"));
+            let opt = |name: &str| {
+                self.kafka
+                    .librdkafka
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v)
+            };
+            let supported = opt("security.protocol").is_none_or(|v| {
+                v.eq_ignore_ascii_case("plaintext") || v.eq_ignore_ascii_case("ssl")
+            });
             check(
-                plaintext,
+                supported,
                 "kafka.client",
-                "`wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol".to_owned(),
+                "`wire` (experimental) speaks plaintext or TLS (security.protocol = ssl) only, no SASL; use kafka.client = \"librdkafka\"".to_owned(),
+            );
+            let client_cert = [
+                "ssl.certificate.location",
+                "ssl.key.location",
+                "ssl.keystore.location",
+            ]
+            .iter()
+            .any(|k| opt(k).is_some());
+            let no_name_check = opt("ssl.endpoint.identification.algorithm")
+                .is_some_and(|v| v.eq_ignore_ascii_case("none"));
+            check(
+                !client_cert && !no_name_check,
+                "kafka.client",
+                "`wire` (experimental) verifies the broker's certificate and name (ssl.ca.location) and presents no client certificate: remove ssl.certificate.location / ssl.key.location / ssl.keystore.location and ssl.endpoint.identification.algorithm = none, or use kafka.client = \"librdkafka\"".to_owned(),
             );
             let uncompressed = self
                 .kafka
@@ -1745,7 +1763,7 @@ mod tests {
             [
                 "kafka.wire_transaction_version: must be 0 (what the cluster finalized), 1 or 2 (got 3)",
                 "kafka.client: `wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"",
-                "kafka.client: `wire` (experimental) speaks plaintext only: no TLS or SASL; use kafka.client = \"librdkafka\" with kafka.librdkafka.security.protocol",
+                "kafka.client: `wire` (experimental) speaks plaintext or TLS (security.protocol = ssl) only, no SASL; use kafka.client = \"librdkafka\"",
                 "kafka.client: `wire` (experimental) does not compress: remove kafka.librdkafka.compression.type or use kafka.client = \"librdkafka\"",
             ],
         );

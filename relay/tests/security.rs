@@ -11,7 +11,7 @@ use crate::support::process::{PgCluster, RelayEnv, RelayProc};
 use crate::support::{env_or, unique_name};
 use relay::replication::conn::{connect_sql, ReplicationClient, ReplicationConfig, SslMode};
 use relay::sink::kafka::{KafkaBackend, KafkaSettings};
-use relay::sink::{Sink, SinkError};
+use relay::sink::{KafkaSink, Sink, SinkError};
 use std::time::Duration;
 
 /// A path below the stack's directory, for when `scripts/stack env` was not evaluated.
@@ -170,7 +170,15 @@ fn sink_settings(bootstrap: String, options: &[(&str, String)]) -> KafkaSettings
 async fn commit_through(settings: KafkaSettings, n: usize) -> Result<String, SinkError> {
     let topic = unique_name("sec");
     let rt = tokio::runtime::Handle::current();
-    let (sink, _) = Sink::start(KafkaBackend::new(settings, rt), "cdc/sec".into()).await?;
+    let backend = match settings.client {
+        relay::config::KafkaClient::Librdkafka => {
+            KafkaSink::Librdkafka(Box::new(KafkaBackend::new(settings, rt)))
+        }
+        relay::config::KafkaClient::Wire => KafkaSink::Wire(Box::new(
+            relay::sink::wire::WireBackend::new(settings, 0, rt),
+        )),
+    };
+    let (sink, _) = Sink::start(backend, "cdc/sec".into()).await?;
     let records = (0..n)
         .map(|i| relay::outbox::OutRecord {
             topic: topic.clone().into(),
@@ -264,6 +272,39 @@ async fn an_unverifiable_broker_certificate_is_a_configuration_error() {
     let err = commit_through(settings, 1).await.unwrap_err();
     assert!(
         matches!(&err, SinkError::Config(m) if m.contains("did not verify") && m.contains("certificate verify failed")),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+}
+
+/// The experimental wire client over the SSL listener: 10 records committed and read back, the
+/// broker's certificate verified against the stack's CA and its name; a CA that did not sign it
+/// is a configuration error naming the TLS handshake, not a timeout retried forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wire_client_commits_over_tls_and_refuses_an_unverifiable_certificate() {
+    let mut settings = sink_settings(
+        ssl_bootstrap(),
+        &[
+            ("security.protocol", "SSL".into()),
+            ("ssl.ca.location", kafka_ca()),
+        ],
+    );
+    settings.client = relay::config::KafkaClient::Wire;
+    let topic = commit_through(settings, 10).await.expect("wire over TLS");
+    let read = kafka::read_all(&topic, Isolation::ReadCommitted).await;
+    assert_eq!(read.len(), 10, "committed records read back");
+
+    let mut settings = sink_settings(
+        ssl_bootstrap(),
+        &[
+            ("security.protocol", "SSL".into()),
+            ("ssl.ca.location", pg::server_cert().display().to_string()),
+        ],
+    );
+    settings.client = relay::config::KafkaClient::Wire;
+    let err = commit_through(settings, 1).await.unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Config(m) if m.contains("TLS handshake") && m.contains("certificate")),
         "{err}"
     );
     assert!(!err.is_transient());

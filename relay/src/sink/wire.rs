@@ -31,8 +31,11 @@
 //! (read_committed, by the librdkafka backend's reader); after any error the backend is
 //! dropped and a new one does the same.
 //!
-//! What it does not do (and the configuration refuses): TLS and SASL, at-least-once delivery,
-//! compression, and the librdkafka backend's isolation of poison records by delivery report
+//! TLS (`security.protocol = ssl`) is rustls: the broker's certificate is verified against
+//! `ssl.ca.location` (or the WebPKI roots) and must name the host connected to.
+//!
+//! What it does not do (and the configuration refuses): SASL, client certificates, skipping the
+//! name check, at-least-once delivery, compression, and the librdkafka backend's isolation of poison records by delivery report
 //! (a record larger than its topic's `max.message.bytes` is refused before it is sent and goes
 //! to the DLQ; any other refusal by the broker fails the transaction and is fatal, with the
 //! broker's error).
@@ -329,18 +332,97 @@ enum WireError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(String),
+    /// The TLS handshake failed (a certificate that does not verify, a protocol mismatch):
+    /// retrying does not help, the configuration must change.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl From<WireError> for SinkError {
     fn from(e: WireError) -> SinkError {
-        SinkError::Unavailable(format!("Kafka (wire client): {e}"))
+        match e {
+            WireError::Tls(m) => SinkError::Config(format!("Kafka (wire client): {m}")),
+            e => SinkError::Unavailable(format!("Kafka (wire client): {e}")),
+        }
     }
+}
+
+/// A broker connection's bytes: plaintext, or TLS (`security.protocol = ssl`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The TLS client configuration for `security.protocol = ssl` (None for plaintext): the
+/// broker's certificate is verified against `ssl.ca.location` (PEM), or the WebPKI roots
+/// without it, and must name the host the relay connects to.
+pub fn tls_config(
+    settings: &KafkaSettings,
+) -> Result<Option<Arc<rustls::ClientConfig>>, SinkError> {
+    let opt = |k: &str| settings.librdkafka.get(k).map(String::as_str);
+    if !opt("security.protocol").is_some_and(|p| p.eq_ignore_ascii_case("ssl")) {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = match opt("ssl.ca.location") {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let unreadable = |e: &dyn std::fmt::Display| {
+                SinkError::Config(format!("cannot read ssl.ca.location {path}: {e}"))
+            };
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| unreadable(&e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unreadable(&e))?;
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(SinkError::Config(format!(
+                    "no usable certificate in ssl.ca.location {path}"
+                )));
+            }
+            roots
+        }
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SinkError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
 }
 
 /// One blocking connection to a broker; requests are sent one at a time, or several written
 /// before their responses are read ([`Conn::send`], [`Conn::receive`]).
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     address: String,
     client_id: StrBytes,
     correlation: i32,
@@ -351,15 +433,33 @@ struct Conn {
 }
 
 impl Conn {
-    fn connect(address: &str, client_id: &str) -> Result<Conn, WireError> {
+    fn connect(
+        address: &str,
+        client_id: &str,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Conn, WireError> {
         let addrs: Vec<_> = address.to_socket_addrs()?.collect();
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-                Ok(stream) => {
-                    stream.set_nodelay(true)?;
-                    stream.set_read_timeout(Some(CALL_TIMEOUT))?;
-                    stream.set_write_timeout(Some(CALL_TIMEOUT))?;
+                Ok(tcp) => {
+                    tcp.set_nodelay(true)?;
+                    tcp.set_read_timeout(Some(CALL_TIMEOUT))?;
+                    tcp.set_write_timeout(Some(CALL_TIMEOUT))?;
+                    let stream = match tls {
+                        None => Stream::Plain(tcp),
+                        Some(config) => {
+                            let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+                            let host = host.trim_start_matches('[').trim_end_matches(']');
+                            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                                .map_err(|e| {
+                                    WireError::Protocol(format!("TLS server name {host}: {e}"))
+                                })?;
+                            let conn = rustls::ClientConnection::new(config.clone(), name)
+                                .map_err(|e| WireError::Protocol(format!("TLS: {e}")))?;
+                            Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+                        }
+                    };
                     let mut c = Conn {
                         stream,
                         address: address.to_owned(),
@@ -368,7 +468,16 @@ impl Conn {
                         versions: HashMap::new(),
                         transaction_version: 0,
                     };
-                    c.handshake()?;
+                    c.handshake().map_err(|e| match e {
+                        WireError::Io(io)
+                            if io
+                                .get_ref()
+                                .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some()) =>
+                        {
+                            WireError::Tls(format!("TLS handshake with {address}: {io}"))
+                        }
+                        e => e,
+                    })?;
                     return Ok(c);
                 }
                 Err(e) => last = Some(e),
@@ -513,6 +622,8 @@ pub struct WireBackend {
     want_transaction_version: u8,
     /// Topic creation and the checkpoint read, through librdkafka (it never produces).
     admin: KafkaBackend,
+    /// TLS (`security.protocol = ssl`), read from the librdkafka options at `open`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     client_id: String,
     /// Connections by broker node id.
     conns: HashMap<i32, Conn>,
@@ -551,6 +662,7 @@ impl WireBackend {
             settings,
             want_transaction_version: transaction_version,
             admin,
+            tls: None,
             conns: HashMap::new(),
             brokers: HashMap::new(),
             coordinator: None,
@@ -583,13 +695,16 @@ impl WireBackend {
         }
         let mut last = String::new();
         for addr in self.settings.bootstrap_servers.split(',').map(str::trim) {
-            match Conn::connect(addr, &self.client_id) {
+            match Conn::connect(addr, &self.client_id, self.tls.as_ref()) {
                 Ok(c) => {
                     // Bootstrap connections are keyed below any node id until metadata names
                     // the broker; -1 is never a node id.
                     self.conns.insert(-1, c);
                     return Ok(-1);
                 }
+                // A certificate that does not verify will not verify on the next server
+                // either: a configuration error, at once.
+                Err(e @ WireError::Tls(_)) => return Err(e.into()),
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
@@ -603,7 +718,7 @@ impl WireBackend {
             let addr = self.brokers.get(&node).cloned().ok_or_else(|| {
                 SinkError::Unavailable(format!("broker {node} is not in the metadata"))
             })?;
-            let c = Conn::connect(&addr, &self.client_id)?;
+            let c = Conn::connect(&addr, &self.client_id, self.tls.as_ref())?;
             self.conns.insert(node, c);
         }
         self.conns.get_mut(&node).ok_or(SinkError::Stopped)
@@ -1030,6 +1145,7 @@ impl WireBackend {
 
 impl Backend for WireBackend {
     fn open(&mut self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
+        self.tls = tls_config(&self.settings)?;
         let node = self.bootstrap()?;
         let tv = self.conn(node)?.transaction_version;
         self.v2 = match self.want_transaction_version {
