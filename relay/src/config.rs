@@ -468,7 +468,7 @@ pub enum KafkaClient {
     #[default]
     Librdkafka,
     /// Experimental: the relay's own Kafka protocol client (`sink::wire`), one produce request
-    /// per broker and transactions v2; plaintext or TLS, exactly-once, uncompressed only.
+    /// per broker and transactions v2; TLS and SASL PLAIN/SCRAM, exactly-once, uncompressed.
     Wire,
 }
 
@@ -1147,13 +1147,19 @@ impl RelayConfig {
                     .find(|(k, _)| *k == name)
                     .map(|(_, v)| v)
             };
-            let supported = opt("security.protocol").is_none_or(|v| {
-                v.eq_ignore_ascii_case("plaintext") || v.eq_ignore_ascii_case("ssl")
-            });
+            let sasl = opt("security.protocol")
+                .is_some_and(|v| v.to_ascii_lowercase().starts_with("sasl_"));
+            let known = opt("sasl.mechanism")
+                .or(opt("sasl.mechanisms"))
+                .is_some_and(|m| {
+                    ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+                        .iter()
+                        .any(|k| m.eq_ignore_ascii_case(k))
+                });
             check(
-                supported,
+                !sasl || known,
                 "kafka.client",
-                "`wire` (experimental) speaks plaintext or TLS (security.protocol = ssl) only, no SASL; use kafka.client = \"librdkafka\"".to_owned(),
+                "`wire` (experimental) logs in with sasl.mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 only (no OAUTHBEARER or GSSAPI); use kafka.client = \"librdkafka\"".to_owned(),
             );
             let client_cert = [
                 "ssl.certificate.location",
@@ -1763,7 +1769,7 @@ mod tests {
             [
                 "kafka.wire_transaction_version: must be 0 (what the cluster finalized), 1 or 2 (got 3)",
                 "kafka.client: `wire` (experimental) produces in Kafka transactions only: set delivery = \"exactly_once\" or kafka.client = \"librdkafka\"",
-                "kafka.client: `wire` (experimental) speaks plaintext or TLS (security.protocol = ssl) only, no SASL; use kafka.client = \"librdkafka\"",
+                "kafka.client: `wire` (experimental) logs in with sasl.mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 only (no OAUTHBEARER or GSSAPI); use kafka.client = \"librdkafka\"",
                 "kafka.client: `wire` (experimental) does not compress: remove kafka.librdkafka.compression.type or use kafka.client = \"librdkafka\"",
             ],
         );

@@ -310,6 +310,50 @@ async fn the_wire_client_commits_over_tls_and_refuses_an_unverifiable_certificat
     assert!(!err.is_transient());
 }
 
+/// The wire client over SASL_SSL, logging in with PLAIN (the stack's `relay_plain` user) and
+/// with SCRAM-SHA-512 (its SCRAM user): 10 records committed and read back each time; a wrong
+/// password is a configuration error with the broker's reason, not retried, and the password
+/// appears in no error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wire_client_logs_in_with_sasl_plain_and_scram_over_tls() {
+    let (scram_name, scram_password) = scram_user();
+    let options = |mechanism: &str, user: &str, password: &str| {
+        vec![
+            ("security.protocol", "SASL_SSL".to_owned()),
+            ("sasl.mechanism", mechanism.to_owned()),
+            ("sasl.username", user.to_owned()),
+            ("sasl.password", password.to_owned()),
+            ("ssl.ca.location", kafka_ca()),
+        ]
+    };
+    for (mechanism, user, password) in [
+        ("PLAIN", "relay_plain".to_owned(), "plain-secret".to_owned()),
+        ("SCRAM-SHA-512", scram_name, scram_password),
+    ] {
+        let mut settings =
+            sink_settings(sasl_ssl_bootstrap(), &options(mechanism, &user, &password));
+        settings.client = relay::config::KafkaClient::Wire;
+        let topic = commit_through(settings, 10)
+            .await
+            .unwrap_or_else(|e| panic!("wire over SASL_SSL {mechanism}: {e}"));
+        let read = kafka::read_all(&topic, Isolation::ReadCommitted).await;
+        assert_eq!(read.len(), 10, "{mechanism}: committed records read back");
+
+        let wrong = "not-the-secret-at-all";
+        let mut settings = sink_settings(sasl_ssl_bootstrap(), &options(mechanism, &user, wrong));
+        settings.client = relay::config::KafkaClient::Wire;
+        let err = commit_through(settings, 1).await.unwrap_err();
+        let text = err.to_string();
+        let want = format!("SASL {mechanism} login as {user} refused");
+        assert!(
+            matches!(&err, SinkError::Config(m) if m.contains(&want)),
+            "{text}"
+        );
+        assert!(!err.is_transient());
+        assert!(!text.contains(wrong), "the password leaked: {text}");
+    }
+}
+
 /// `relay migrate` and a SQL connection with `sslmode=verify-full` against the stack server's
 /// certificate: encrypted (pg_stat_ssl), and refused when the root is another CA.
 #[tokio::test]

@@ -23,6 +23,7 @@
 
 pub mod kafka;
 pub mod null;
+mod scram;
 mod security;
 pub mod wire;
 

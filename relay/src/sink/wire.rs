@@ -31,16 +31,18 @@
 //! (read_committed, by the librdkafka backend's reader); after any error the backend is
 //! dropped and a new one does the same.
 //!
-//! TLS (`security.protocol = ssl`) is rustls: the broker's certificate is verified against
-//! `ssl.ca.location` (or the WebPKI roots) and must name the host connected to.
+//! TLS (`security.protocol = ssl | sasl_ssl`) is rustls: the broker's certificate is verified
+//! against `ssl.ca.location` (or the WebPKI roots) and must name the host connected to. SASL
+//! logins: PLAIN, and SCRAM-SHA-256/512 (`super::scram`, the server's signature checked).
 //!
-//! What it does not do (and the configuration refuses): SASL, client certificates, skipping the
-//! name check, at-least-once delivery, compression, and the librdkafka backend's isolation of poison records by delivery report
+//! What it does not do (and the configuration refuses): OAUTHBEARER and GSSAPI, client
+//! certificates, skipping the name check, at-least-once delivery, compression, and the librdkafka backend's isolation of poison records by delivery report
 //! (a record larger than its topic's `max.message.bytes` is refused before it is sent and goes
 //! to the DLQ; any other refusal by the broker fails the transaction and is fatal, with the
 //! broker's error).
 
 use super::kafka::{topic_not_ready, KafkaBackend, KafkaSettings};
+use super::scram::{self, Scram};
 use super::{Backend, Returned, SinkError};
 use crate::checkpoint::Checkpoint;
 use crate::outbox::OutRecord;
@@ -51,7 +53,7 @@ use kafka_protocol::messages::{
     produce_request::{PartitionProduceData, TopicProduceData},
     AddPartitionsToTxnRequest, ApiVersionsRequest, EndTxnRequest, FindCoordinatorRequest,
     InitProducerIdRequest, MetadataRequest, ProduceRequest, ProducerId, RequestHeader,
-    ResponseHeader, TopicName, TransactionalId,
+    ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest, TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use kafka_protocol::ResponseError;
@@ -332,16 +334,26 @@ enum WireError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(String),
-    /// The TLS handshake failed (a certificate that does not verify, a protocol mismatch):
-    /// retrying does not help, the configuration must change.
+    /// The TLS handshake or the SASL login failed (a certificate that does not verify, a
+    /// refused password): retrying does not help, the configuration must change.
     #[error("{0}")]
-    Tls(String),
+    Refused(String),
+}
+
+impl WireError {
+    /// A refusal explained by `f` (which adds who was refused); other errors as they are.
+    fn map_refusal(self, f: impl FnOnce(String) -> WireError) -> WireError {
+        match self {
+            WireError::Refused(m) => f(m),
+            e => e,
+        }
+    }
 }
 
 impl From<WireError> for SinkError {
     fn from(e: WireError) -> SinkError {
         match e {
-            WireError::Tls(m) => SinkError::Config(format!("Kafka (wire client): {m}")),
+            WireError::Refused(m) => SinkError::Config(format!("Kafka (wire client): {m}")),
             e => SinkError::Unavailable(format!("Kafka (wire client): {e}")),
         }
     }
@@ -384,7 +396,9 @@ pub fn tls_config(
     settings: &KafkaSettings,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, SinkError> {
     let opt = |k: &str| settings.librdkafka.get(k).map(String::as_str);
-    if !opt("security.protocol").is_some_and(|p| p.eq_ignore_ascii_case("ssl")) {
+    if !opt("security.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("ssl") || p.eq_ignore_ascii_case("sasl_ssl"))
+    {
         return Ok(None);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -419,6 +433,60 @@ pub fn tls_config(
     Ok(Some(Arc::new(config)))
 }
 
+/// SASL credentials (`sasl.mechanism` PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512). The password
+/// is never printed.
+#[derive(Clone)]
+pub struct Sasl {
+    /// None: PLAIN.
+    scram: Option<Scram>,
+    username: String,
+    password: String,
+}
+
+impl Sasl {
+    fn mechanism(&self) -> &'static str {
+        self.scram.map_or("PLAIN", Scram::name)
+    }
+}
+
+impl std::fmt::Debug for Sasl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sasl")
+            .field("mechanism", &self.mechanism())
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// The SASL login for `security.protocol = sasl_ssl | sasl_plaintext` (None otherwise).
+pub fn sasl_config(settings: &KafkaSettings) -> Result<Option<Sasl>, SinkError> {
+    let opt = |k: &str| settings.librdkafka.get(k).map(String::as_str);
+    let protocol = opt("security.protocol").unwrap_or("plaintext");
+    if !protocol.to_ascii_lowercase().starts_with("sasl_") {
+        return Ok(None);
+    }
+    let mechanism = opt("sasl.mechanism")
+        .or(opt("sasl.mechanisms"))
+        .unwrap_or("GSSAPI");
+    let scram = Scram::from_mechanism(mechanism);
+    if scram.is_none() && !mechanism.eq_ignore_ascii_case("plain") {
+        return Err(SinkError::Config(format!(
+            "the wire client logs in with sasl.mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 only (got {mechanism})"
+        )));
+    }
+    let (Some(username), Some(password)) = (opt("sasl.username"), opt("sasl.password")) else {
+        return Err(SinkError::Config(format!(
+            "SASL {mechanism} needs sasl.username and sasl.password"
+        )));
+    };
+    Ok(Some(Sasl {
+        scram,
+        username: username.to_owned(),
+        password: password.to_owned(),
+    }))
+}
+
 /// One blocking connection to a broker; requests are sent one at a time, or several written
 /// before their responses are read ([`Conn::send`], [`Conn::receive`]).
 struct Conn {
@@ -437,6 +505,7 @@ impl Conn {
         address: &str,
         client_id: &str,
         tls: Option<&Arc<rustls::ClientConfig>>,
+        sasl: Option<&Sasl>,
     ) -> Result<Conn, WireError> {
         let addrs: Vec<_> = address.to_socket_addrs()?.collect();
         let mut last = None;
@@ -474,10 +543,13 @@ impl Conn {
                                 .get_ref()
                                 .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some()) =>
                         {
-                            WireError::Tls(format!("TLS handshake with {address}: {io}"))
+                            WireError::Refused(format!("TLS handshake with {address}: {io}"))
                         }
                         e => e,
                     })?;
+                    if let Some(sasl) = sasl {
+                        c.login(sasl)?;
+                    }
                     return Ok(c);
                 }
                 Err(e) => last = Some(e),
@@ -511,6 +583,78 @@ impl Conn {
             .find(|f| f.name.as_str() == "transaction.version")
             .map_or(0, |f| f.max_version_level);
         Ok(())
+    }
+
+    /// SASL login (SaslHandshake v1, then SaslAuthenticate: once for PLAIN, twice for SCRAM,
+    /// whose server signature is checked): a refused login is a configuration error, with the
+    /// broker's reason.
+    fn login(&mut self, sasl: &Sasl) -> Result<(), WireError> {
+        let mechanism = sasl.mechanism();
+        let mut hs = SaslHandshakeRequest::default();
+        hs.mechanism = StrBytes::from_static_str(mechanism);
+        let v = self.version::<SaslHandshakeRequest>(1, 1)?;
+        let resp = self.call(&hs, v)?;
+        if resp.error_code != code::NONE {
+            let offered: Vec<&str> = resp.mechanisms.iter().map(|m| m.as_str()).collect();
+            return Err(WireError::Refused(format!(
+                "SASL {mechanism} refused by {} ({}); it offers {offered:?}",
+                self.address,
+                error_name(resp.error_code)
+            )));
+        }
+        let address = self.address.clone();
+        let refused = |why: String| {
+            WireError::Refused(format!(
+                "SASL {mechanism} login as {} refused by {address}: {why}",
+                sasl.username
+            ))
+        };
+        match sasl.scram {
+            None => {
+                let mut auth = Vec::with_capacity(2 + sasl.username.len() + sasl.password.len());
+                auth.push(0);
+                auth.extend_from_slice(sasl.username.as_bytes());
+                auth.push(0);
+                auth.extend_from_slice(sasl.password.as_bytes());
+                self.authenticate(auth)
+                    .map_err(|e| e.map_refusal(refused))?;
+            }
+            Some(scram) => {
+                let nonce: String = (0..24)
+                    .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+                    .collect();
+                let mut x = scram::Exchange::new(scram, &sasl.username, &sasl.password, &nonce);
+                let server_first = self
+                    .authenticate(x.client_first().into_bytes())
+                    .map_err(|e| e.map_refusal(refused))?;
+                let client_final = x.client_final(&server_first).map_err(refused)?;
+                let server_final = self
+                    .authenticate(client_final.into_bytes())
+                    .map_err(|e| e.map_refusal(refused))?;
+                x.verify_server_final(&server_final).map_err(refused)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One SaslAuthenticate round trip: `auth` out, the server's bytes back. A refusal is
+    /// [`WireError::Refused`] with the broker's error and message.
+    fn authenticate(&mut self, auth: Vec<u8>) -> Result<Bytes, WireError> {
+        let mut req = SaslAuthenticateRequest::default();
+        req.auth_bytes = Bytes::from(auth);
+        let v = self.version::<SaslAuthenticateRequest>(2, 0)?;
+        let resp = self.call(&req, v)?;
+        if resp.error_code != code::NONE {
+            return Err(WireError::Refused(format!(
+                "{}{}",
+                error_name(resp.error_code),
+                resp.error_message
+                    .as_ref()
+                    .map(|m| format!(": {}", m.as_str()))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(resp.auth_bytes)
     }
 
     /// The version of `R` to use: `want`, or the broker's highest if lower; an error below
@@ -624,6 +768,8 @@ pub struct WireBackend {
     admin: KafkaBackend,
     /// TLS (`security.protocol = ssl`), read from the librdkafka options at `open`.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// SASL PLAIN (`security.protocol = sasl_ssl | sasl_plaintext`), read at `open`.
+    sasl: Option<Sasl>,
     client_id: String,
     /// Connections by broker node id.
     conns: HashMap<i32, Conn>,
@@ -663,6 +809,7 @@ impl WireBackend {
             want_transaction_version: transaction_version,
             admin,
             tls: None,
+            sasl: None,
             conns: HashMap::new(),
             brokers: HashMap::new(),
             coordinator: None,
@@ -695,7 +842,7 @@ impl WireBackend {
         }
         let mut last = String::new();
         for addr in self.settings.bootstrap_servers.split(',').map(str::trim) {
-            match Conn::connect(addr, &self.client_id, self.tls.as_ref()) {
+            match Conn::connect(addr, &self.client_id, self.tls.as_ref(), self.sasl.as_ref()) {
                 Ok(c) => {
                     // Bootstrap connections are keyed below any node id until metadata names
                     // the broker; -1 is never a node id.
@@ -704,7 +851,7 @@ impl WireBackend {
                 }
                 // A certificate that does not verify will not verify on the next server
                 // either: a configuration error, at once.
-                Err(e @ WireError::Tls(_)) => return Err(e.into()),
+                Err(e @ WireError::Refused(_)) => return Err(e.into()),
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
@@ -718,7 +865,12 @@ impl WireBackend {
             let addr = self.brokers.get(&node).cloned().ok_or_else(|| {
                 SinkError::Unavailable(format!("broker {node} is not in the metadata"))
             })?;
-            let c = Conn::connect(&addr, &self.client_id, self.tls.as_ref())?;
+            let c = Conn::connect(
+                &addr,
+                &self.client_id,
+                self.tls.as_ref(),
+                self.sasl.as_ref(),
+            )?;
             self.conns.insert(node, c);
         }
         self.conns.get_mut(&node).ok_or(SinkError::Stopped)
@@ -1146,6 +1298,7 @@ impl WireBackend {
 impl Backend for WireBackend {
     fn open(&mut self, key: &str) -> Result<Option<Checkpoint>, SinkError> {
         self.tls = tls_config(&self.settings)?;
+        self.sasl = sasl_config(&self.settings)?;
         let node = self.bootstrap()?;
         let tv = self.conn(node)?.transaction_version;
         self.v2 = match self.want_transaction_version {
