@@ -59,6 +59,16 @@ fn records(topic: &str, tag: &str, n: usize) -> Vec<OutRecord> {
         .collect()
 }
 
+/// Commits on `sink` with `cp`; a commit that fails fails the test.
+async fn commit_ok(sink: &Sink, cp: Checkpoint) -> relay::sink::Committed {
+    sink.commit(cp)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .expect("commit")
+}
+
 fn checkpoint(key: &str, end: u64) -> Checkpoint {
     Checkpoint {
         relay: key.to_owned(),
@@ -115,13 +125,7 @@ async fn zombie_is_fenced(client: Client) {
     old.close().await;
 
     new.send(records(&topic, "new", 3)).await.unwrap();
-    let committed = new
-        .commit(checkpoint(key, 2000))
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .expect("commit");
+    let committed = commit_ok(&new, checkpoint(key, 2000)).await;
     assert_eq!(committed.records, 3);
     new.close().await;
 
@@ -253,13 +257,7 @@ async fn the_wire_client_partitions_and_encodes_as_librdkafka_does() {
             r.extra_headers = vec![("trace".into(), Bytes::from_static(b"t-1"))];
         }
         sink.send(recs).await.unwrap();
-        let committed = sink
-            .commit(checkpoint(key, 1000))
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .expect("commit");
+        let committed = commit_ok(&sink, checkpoint(key, 1000)).await;
         assert_eq!(committed.records, 200);
         sink.close().await;
         let seen = kafka::read_all(&topic, Isolation::ReadCommitted).await;
@@ -311,13 +309,7 @@ async fn the_wire_client_flushes_a_large_transaction_and_aborts_it_at_the_broker
         }
         sink.abort().await.expect("abort");
         sink.send(records(&topic, "kept", 7)).await.unwrap();
-        let committed = sink
-            .commit(checkpoint(key, 1000))
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .expect("commit");
+        let committed = commit_ok(&sink, checkpoint(key, 1000)).await;
         assert_eq!(committed.records, 7);
         sink.close().await;
         let committed = kafka::read_all(&topic, Isolation::ReadCommitted).await;

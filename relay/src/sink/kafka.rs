@@ -510,14 +510,21 @@ impl KafkaBackend {
         if !self.known_topics.contains(&*r.topic) {
             let partitions = self.settings.topic_partitions;
             if let Err(e) = self.ensure_topic(&r.topic, partitions, false) {
-                if let SinkError::Rejected { reason, class, .. } = &e {
-                    self.refused_topics
-                        .insert(r.topic.to_string(), (reason.clone(), class));
-                }
+                self.remember_refusal(&r.topic, &e);
                 return Err(e.refusing(r));
             }
         }
         Ok(r)
+    }
+
+    /// Remembers `e` if it refuses `topic` for good, so that later records to it are refused
+    /// at once by [`KafkaBackend::admit_topic`] instead of each waiting for the topic again.
+    pub(super) fn remember_refusal(&mut self, topic: &str, e: &SinkError) {
+        if let SinkError::Rejected { reason, class, .. } = e {
+            self.known_topics.remove(topic);
+            self.refused_topics
+                .insert(topic.to_owned(), (reason.clone(), class));
+        }
     }
 
     /// Reads the checkpoint topic to its end under read_committed; the last value for `key`.

@@ -57,6 +57,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use kafka_protocol::ResponseError;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -136,6 +137,29 @@ fn retriable_produce(c: i16) -> bool {
     )
 }
 
+/// What a transaction coordinator's answer `c` to `what` means: `Ok(true)` done, `Ok(false)`
+/// ask again after a backoff (the coordinator is busy or loading, and `deadline` is not past),
+/// or the error: fenced is fatal, anything else `otherwise` (the caller's class). NOT_COORDINATOR
+/// is not retried here: the coordinator moved, and a new backend looks it up again.
+fn coordinator_answer(
+    what: &str,
+    c: i16,
+    deadline: Instant,
+    otherwise: fn(String) -> SinkError,
+) -> Result<bool, SinkError> {
+    match c {
+        code::NONE => Ok(true),
+        c if fenced(c) => Err(SinkError::Fatal(format!("{what}: {}", error_name(c)))),
+        c if retriable_coordinator(c)
+            && c != code::NOT_COORDINATOR
+            && Instant::now() < deadline =>
+        {
+            Ok(false)
+        }
+        c => Err(otherwise(format!("{what}: {}", error_name(c)))),
+    }
+}
+
 /// Whether a coordinator call may be retried as it is.
 fn retriable_coordinator(c: i16) -> bool {
     matches!(
@@ -190,21 +214,42 @@ type ByTopic = BTreeMap<Arc<str>, Vec<(i32, Bytes)>>;
 struct Held {
     key: Bytes,
     value: Bytes,
-    headers: Vec<(Arc<str>, Bytes)>,
+    /// The record's fixed headers (borrowed names), then its row's own (owned names).
+    headers: Vec<(Cow<'static, str>, Bytes)>,
     timestamp: i64,
 }
 
 impl Held {
+    /// `r` as held: moved, header names not copied.
     fn from_out(r: OutRecord, timestamp: i64) -> Held {
-        let mut headers: Vec<(Arc<str>, Bytes)> =
+        let mut headers: Vec<(Cow<'static, str>, Bytes)> =
             Vec::with_capacity(r.headers.len() + r.extra_headers.len());
-        headers.extend(r.headers.into_iter().map(|(k, v)| (Arc::from(k), v)));
-        headers.extend(r.extra_headers.into_iter().map(|(k, v)| (Arc::from(k), v)));
+        headers.extend(r.headers.into_iter().map(|(k, v)| (Cow::Borrowed(k), v)));
+        headers.extend(r.extra_headers.into_iter().map(|(k, v)| (Cow::Owned(k), v)));
         Held {
             key: r.key,
             value: r.value,
             headers,
             timestamp,
+        }
+    }
+
+    /// The record again, for handing it back with a refusal (the inverse of `from_out`).
+    fn into_out(self, topic: Arc<str>) -> OutRecord {
+        let mut headers = Vec::new();
+        let mut extra_headers = Vec::new();
+        for (k, v) in self.headers {
+            match k {
+                Cow::Borrowed(k) => headers.push((k, v)),
+                Cow::Owned(k) => extra_headers.push((k, v)),
+            }
+        }
+        OutRecord {
+            topic,
+            key: self.key,
+            value: self.value,
+            headers,
+            extra_headers,
         }
     }
 
@@ -775,7 +820,7 @@ pub struct WireBackend {
     conns: HashMap<i32, Conn>,
     brokers: HashMap<i32, String>,
     coordinator: Option<i32>,
-    topics: HashMap<Arc<str>, TopicMeta>,
+    topics: HashMap<Arc<str>, Arc<TopicMeta>>,
     max_batch: HashMap<Arc<str>, usize>,
     /// The producer the next transaction runs on.
     producer: Producer,
@@ -877,9 +922,9 @@ impl WireBackend {
     }
 
     /// Reads the metadata of `topic` until every partition has a leader.
-    fn topic(&mut self, topic: &Arc<str>) -> Result<TopicMeta, SinkError> {
+    fn topic(&mut self, topic: &Arc<str>) -> Result<Arc<TopicMeta>, SinkError> {
         if let Some(m) = self.topics.get(topic) {
-            return Ok(m.clone());
+            return Ok(Arc::clone(m));
         }
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
@@ -921,8 +966,8 @@ impl WireBackend {
                         }
                     }
                     if leaders.iter().all(|&l| l >= 0) {
-                        let m = TopicMeta { leaders };
-                        self.topics.insert(topic.clone(), m.clone());
+                        let m = Arc::new(TopicMeta { leaders });
+                        self.topics.insert(topic.clone(), Arc::clone(&m));
                         return Ok(m);
                     }
                     "has partitions without a leader".to_owned()
@@ -993,27 +1038,15 @@ impl WireBackend {
             let conn = self.conn(coordinator)?;
             let version = conn.version::<InitProducerIdRequest>(4, 3)?;
             let resp = conn.call(&req, version)?;
-            match resp.error_code {
-                code::NONE => return Ok((resp.producer_id.0, resp.producer_epoch)),
-                c if fenced(c) => {
-                    return Err(SinkError::Fatal(format!(
-                        "InitProducerId: {}",
-                        error_name(c)
-                    )))
-                }
-                c if retriable_coordinator(c)
-                    && c != code::NOT_COORDINATOR
-                    && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                c => {
-                    return Err(SinkError::Unavailable(format!(
-                        "InitProducerId: {}",
-                        error_name(c)
-                    )))
-                }
+            if coordinator_answer(
+                "InitProducerId",
+                resp.error_code,
+                deadline,
+                SinkError::Unavailable,
+            )? {
+                return Ok((resp.producer_id.0, resp.producer_epoch));
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -1061,30 +1094,11 @@ impl WireBackend {
                     }
                 }
             }
-            match worst {
-                code::NONE => {
-                    self.added.extend(self.held.keys().cloned());
-                    return Ok(());
-                }
-                c if fenced(c) => {
-                    return Err(SinkError::Fatal(format!(
-                        "AddPartitionsToTxn: {}",
-                        error_name(c)
-                    )))
-                }
-                c if retriable_coordinator(c)
-                    && c != code::NOT_COORDINATOR
-                    && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(RETRY_BACKOFF);
-                }
-                c => {
-                    return Err(SinkError::Aborted(format!(
-                        "AddPartitionsToTxn: {}",
-                        error_name(c)
-                    )))
-                }
+            if coordinator_answer("AddPartitionsToTxn", worst, deadline, SinkError::Aborted)? {
+                self.added.extend(self.held.keys().cloned());
+                return Ok(());
             }
+            std::thread::sleep(RETRY_BACKOFF);
         }
     }
 
@@ -1264,27 +1278,16 @@ impl WireBackend {
             let conn = self.conn(coordinator)?;
             let version = conn.version::<EndTxnRequest>(want, want.min(3))?;
             let resp = conn.call(&req, version)?;
-            match resp.error_code {
-                code::NONE => {
-                    if self.v2 {
-                        // The epoch moved on: sequence numbers start again.
-                        self.producer.producer_id = resp.producer_id.0;
-                        self.producer.epoch = resp.producer_epoch;
-                        self.producer.sequences.clear();
-                    }
-                    return Ok(());
+            if coordinator_answer("EndTxn", resp.error_code, deadline, SinkError::Aborted)? {
+                if self.v2 {
+                    // The epoch moved on: sequence numbers start again.
+                    self.producer.producer_id = resp.producer_id.0;
+                    self.producer.epoch = resp.producer_epoch;
+                    self.producer.sequences.clear();
                 }
-                c if fenced(c) => {
-                    return Err(SinkError::Fatal(format!("EndTxn: {}", error_name(c))))
-                }
-                c if retriable_coordinator(c)
-                    && c != code::NOT_COORDINATOR
-                    && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(RETRY_BACKOFF);
-                }
-                c => return Err(SinkError::Aborted(format!("EndTxn: {}", error_name(c)))),
+                return Ok(());
             }
+            std::thread::sleep(RETRY_BACKOFF);
         }
     }
 
@@ -1352,7 +1355,10 @@ impl Backend for WireBackend {
         let topic = r.topic.clone();
         let meta = match self.topic(&topic) {
             Ok(m) => m,
-            Err(e) => return Err(e.refusing(r)),
+            Err(e) => {
+                self.admin.remember_refusal(&topic, &e);
+                return Err(e.refusing(r));
+            }
         };
         if !self.max_batch.contains_key(&topic) {
             let limit = self.admin.topic_max_message_bytes(&topic)?;
@@ -1364,8 +1370,9 @@ impl Backend for WireBackend {
             .copied()
             .unwrap_or(DEFAULT_MAX_BATCH);
         let partition = partition_for(&r.key, meta.leaders.len() as i32);
-        let held = Held::from_out(r.clone(), Self::now_ms());
-        let size = BATCH_HEADER + held.encoded_len();
+        let held = Held::from_out(r, Self::now_ms());
+        let len = held.encoded_len();
+        let size = BATCH_HEADER + len;
         if size > limit {
             return Err(SinkError::Rejected {
                 reason: format!(
@@ -1373,10 +1380,10 @@ impl Backend for WireBackend {
                 ),
                 class: "record_too_large",
                 keep_value: false,
-                record: Returned(Some(Box::new(r))),
+                record: Returned(Some(Box::new(held.into_out(topic)))),
             });
         }
-        self.held_bytes += held.encoded_len();
+        self.held_bytes += len;
         self.held.entry((topic, partition)).or_default().push(held);
         // A large WAL transaction is one Kafka transaction: its records go out as they come
         // once they pass FLUSH_BYTES, so memory stays bounded whatever its size.
@@ -1481,7 +1488,12 @@ mod tests {
             value: Bytes::copy_from_slice(value.as_bytes()),
             headers: headers
                 .iter()
-                .map(|(k, v)| (Arc::from(*k), Bytes::copy_from_slice(v.as_bytes())))
+                .map(|(k, v)| {
+                    (
+                        Cow::Owned(k.to_string()),
+                        Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
                 .collect(),
             timestamp: ts,
         }
@@ -1532,6 +1544,23 @@ mod tests {
                 .collect();
             assert_eq!(got, want);
         }
+    }
+
+    #[test]
+    fn a_held_record_hands_back_the_record_it_was() {
+        let r = OutRecord {
+            topic: Arc::from("t"),
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            headers: vec![
+                ("event_id", Bytes::from_static(b"e")),
+                ("event_type", Bytes::new()),
+            ],
+            extra_headers: vec![("trace".to_owned(), Bytes::from_static(b"x"))],
+        };
+        let held = Held::from_out(r.clone(), 1);
+        assert_eq!(held.headers.len(), 3);
+        assert_eq!(held.into_out(Arc::from("t")), r);
     }
 
     #[test]
